@@ -1,0 +1,261 @@
+// See cpu_primitives.h. The loops are written over 64-byte GCC/Clang vector
+// types and compiled once per x86-64 level (target_clones), so one binary uses
+// AVX-512 or AVX2 where the host has it and plain SSE2 elsewhere.
+#include "cpu_primitives.h"
+
+#include <cmath>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__) && \
+    !defined(LILY_NO_MULTIVERSION)
+#define LILY_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LILY_MULTIVERSION
+#endif
+#define LILY_INLINE inline __attribute__((always_inline))
+
+namespace lily {
+namespace cpu {
+namespace {
+
+template <typename T>
+struct Simd {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int64_t width = 64 / sizeof(T);
+  static LILY_INLINE type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static LILY_INLINE void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
+  static LILY_INLINE T sum(type v) {  // fixed order
+    T s = 0;
+    for (int64_t l = 0; l < width; ++l) s += v[l];
+    return s;
+  }
+};
+
+template <typename T>
+LILY_INLINE T dot(const T* x, const T* y, int64_t n) {
+  using S = Simd<T>;
+  typename S::type acc = {};
+  int64_t i = 0;
+  for (; i + S::width <= n; i += S::width) acc += S::load(x + i) * S::load(y + i);
+  T s = S::sum(acc);
+  for (; i < n; ++i) s += x[i] * y[i];
+  return s;
+}
+
+template <typename T>
+LILY_INLINE void router_softmax_impl(const T* hidden, int64_t rows, int64_t rank, const T* router,
+                                     int64_t experts, T* probs) {
+  for (int64_t n = 0; n < rows; ++n) {
+    const T* h = hidden + n * rank;
+    T* p = probs + n * experts;
+    T top = -INFINITY;
+    for (int64_t e = 0; e < experts; ++e) {
+      p[e] = dot(router + e * rank, h, rank);
+      top = p[e] > top ? p[e] : top;
+    }
+    T total = 0;
+    for (int64_t e = 0; e < experts; ++e) {
+      p[e] = std::exp(p[e] - top);
+      total += p[e];
+    }
+    const T inv = T(1) / total;
+    for (int64_t e = 0; e < experts; ++e) p[e] *= inv;
+  }
+}
+
+template <typename T>
+LILY_INLINE void combine_bank_impl(const T* weights, const T* bank, int64_t experts, int64_t rank,
+                                   int64_t out, int64_t i0, int64_t i1, int64_t c0, int64_t cols,
+                                   T* dst, int64_t ld_dst) {
+  const int64_t plane = rank * out;
+  for (int64_t i = i0; i < i1; ++i) {
+    T* d = dst + (i - i0) * ld_dst;
+    const T* src = bank + i * out + c0;
+    const T w0 = weights[0];
+    for (int64_t j = 0; j < cols; ++j) d[j] = w0 * src[j];
+    for (int64_t e = 1; e < experts; ++e) {
+      const T w = weights[e];
+      const T* s = src + e * plane;
+      for (int64_t j = 0; j < cols; ++j) d[j] += w * s[j];
+    }
+  }
+}
+
+// Register-tiled C = alpha * A @ B for a block of at most two vectors of
+// columns: four rows share each B load.
+template <typename T>
+LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, const T* A,
+                                 int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  using S = Simd<T>;
+  using V = typename S::type;
+  constexpr int64_t W = S::width;
+  if (cols == 2 * W) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      const T* a0 = A + m * lda;
+      const T* a1 = a0 + lda;
+      const T* a2 = a1 + lda;
+      const T* a3 = a2 + lda;
+      V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const V b0 = S::load(B + k * ldb);
+        const V b1 = S::load(B + k * ldb + W);
+        c00 += a0[k] * b0;
+        c01 += a0[k] * b1;
+        c10 += a1[k] * b0;
+        c11 += a1[k] * b1;
+        c20 += a2[k] * b0;
+        c21 += a2[k] * b1;
+        c30 += a3[k] * b0;
+        c31 += a3[k] * b1;
+      }
+      T* c = C + m * ldc;
+      S::store(c, alpha * c00);
+      S::store(c + W, alpha * c01);
+      S::store(c + ldc, alpha * c10);
+      S::store(c + ldc + W, alpha * c11);
+      S::store(c + 2 * ldc, alpha * c20);
+      S::store(c + 2 * ldc + W, alpha * c21);
+      S::store(c + 3 * ldc, alpha * c30);
+      S::store(c + 3 * ldc + W, alpha * c31);
+    }
+    for (; m < M; ++m) {
+      const T* a = A + m * lda;
+      V c0 = {}, c1 = {};
+      for (int64_t k = 0; k < K; ++k) {
+        c0 += a[k] * S::load(B + k * ldb);
+        c1 += a[k] * S::load(B + k * ldb + W);
+      }
+      S::store(C + m * ldc, alpha * c0);
+      S::store(C + m * ldc + W, alpha * c1);
+    }
+    return;
+  }
+  // Ragged last block: only `cols` columns of B may be read.
+  T acc[2 * W];
+  for (int64_t m = 0; m < M; ++m) {
+    const T* a = A + m * lda;
+    for (int64_t j = 0; j < cols; ++j) acc[j] = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* b = B + k * ldb;
+      for (int64_t j = 0; j < cols; ++j) acc[j] += a[k] * b[j];
+    }
+    for (int64_t j = 0; j < cols; ++j) C[m * ldc + j] = alpha * acc[j];
+  }
+}
+
+template <typename T>
+LILY_INLINE void bank_grad_impl(const T* weights, const T* dcomb, const T* bank, int64_t experts,
+                                int64_t plane, int64_t j0, int64_t j1, bool accumulate, T* dbank,
+                                T* dweights) {
+  const int64_t n = j1 - j0;
+  for (int64_t e = 0; e < experts; ++e) {
+    const T w = weights[e];
+    T* db = dbank + e * plane + j0;
+    const T* g = dcomb + j0;
+    if (accumulate) {
+      for (int64_t j = 0; j < n; ++j) db[j] += w * g[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) db[j] = w * g[j];
+    }
+    dweights[e] = dot(bank + e * plane + j0, g, n);
+  }
+}
+
+template <typename T>
+LILY_INLINE void kron_rows_impl(const T* W, const T* hidden, int64_t rows, int64_t experts,
+                                int64_t rank, T* Z) {
+  for (int64_t n = 0; n < rows; ++n) {
+    const T* h = hidden + n * rank;
+    for (int64_t e = 0; e < experts; ++e) {
+      const T w = W[n * experts + e];
+      T* z = Z + (n * experts + e) * rank;
+      for (int64_t i = 0; i < rank; ++i) z[i] = w * h[i];
+    }
+  }
+}
+
+template <typename T>
+LILY_INLINE void kron_rows_backward_impl(const T* W, const T* hidden, const T* dZ, int64_t rows,
+                                         int64_t experts, int64_t rank, T* dW, T* dhidden) {
+  for (int64_t n = 0; n < rows; ++n) {
+    const T* h = hidden + n * rank;
+    T* dh = dhidden + n * rank;
+    for (int64_t i = 0; i < rank; ++i) dh[i] = 0;
+    for (int64_t e = 0; e < experts; ++e) {
+      const T* dz = dZ + (n * experts + e) * rank;
+      const T w = W[n * experts + e];
+      dW[n * experts + e] = dot(dz, h, rank);
+      for (int64_t i = 0; i < rank; ++i) dh[i] += w * dz[i];
+    }
+  }
+}
+
+template <typename T>
+LILY_INLINE void router_backward_impl(const T* hidden, const T* probs, const T* dprobs,
+                                      int64_t rows, int64_t rank, const T* router,
+                                      int64_t experts, T* dhidden, T* drouter) {
+  for (int64_t n = 0; n < rows; ++n) {
+    const T* p = probs + n * experts;
+    const T* dp = dprobs + n * experts;
+    const T* h = hidden + n * rank;
+    T* dh = dhidden + n * rank;
+    T inner = 0;
+    for (int64_t e = 0; e < experts; ++e) inner += p[e] * dp[e];
+    for (int64_t e = 0; e < experts; ++e) {
+      const T dlogit = p[e] * (dp[e] - inner);
+      const T* re = router + e * rank;
+      T* dre = drouter + e * rank;
+      for (int64_t i = 0; i < rank; ++i) {
+        dh[i] += dlogit * re[i];
+        dre[i] += dlogit * h[i];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#define LILY_DEFINE_PRIMITIVES(T)                                                                  \
+  LILY_MULTIVERSION void router_softmax(const T* hidden, int64_t rows, int64_t rank,              \
+                                        const T* router, int64_t experts, T* probs) {             \
+    router_softmax_impl(hidden, rows, rank, router, experts, probs);                               \
+  }                                                                                                \
+  LILY_MULTIVERSION void combine_bank(const T* weights, const T* bank, int64_t experts,           \
+                                      int64_t rank, int64_t out, int64_t i0, int64_t i1,          \
+                                      int64_t c0, int64_t cols, T* dst, int64_t ld_dst) {         \
+    combine_bank_impl(weights, bank, experts, rank, out, i0, i1, c0, cols, dst, ld_dst);           \
+  }                                                                                                \
+  LILY_MULTIVERSION void gemm_small(int64_t M, int64_t K, int64_t cols, T alpha, const T* A,      \
+                                    int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {    \
+    gemm_small_impl(M, K, cols, alpha, A, lda, B, ldb, C, ldc);                                    \
+  }                                                                                                \
+  LILY_MULTIVERSION void bank_grad(const T* weights, const T* dcomb, const T* bank,              \
+                                   int64_t experts, int64_t plane, int64_t j0, int64_t j1,        \
+                                   bool accumulate, T* dbank, T* dweights) {                      \
+    bank_grad_impl(weights, dcomb, bank, experts, plane, j0, j1, accumulate, dbank, dweights);     \
+  }                                                                                                \
+  LILY_MULTIVERSION void kron_rows(const T* W, const T* hidden, int64_t rows, int64_t experts,    \
+                                   int64_t rank, T* Z) {                                          \
+    kron_rows_impl(W, hidden, rows, experts, rank, Z);                                             \
+  }                                                                                                \
+  LILY_MULTIVERSION void kron_rows_backward(const T* W, const T* hidden, const T* dZ,            \
+                                            int64_t rows, int64_t experts, int64_t rank, T* dW,   \
+                                            T* dhidden) {                                         \
+    kron_rows_backward_impl(W, hidden, dZ, rows, experts, rank, dW, dhidden);                      \
+  }                                                                                                \
+  LILY_MULTIVERSION void router_backward(const T* hidden, const T* probs, const T* dprobs,       \
+                                         int64_t rows, int64_t rank, const T* router,             \
+                                         int64_t experts, T* dhidden, T* drouter) {               \
+    router_backward_impl(hidden, probs, dprobs, rows, rank, router, experts, dhidden, drouter);    \
+  }
+
+LILY_DEFINE_PRIMITIVES(float)
+LILY_DEFINE_PRIMITIVES(double)
+
+}  // namespace cpu
+}  // namespace lily

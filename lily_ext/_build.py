@@ -1,0 +1,25 @@
+"""What this installation was built with."""
+
+import platform
+
+import torch
+
+from . import _library
+
+
+def build_info() -> dict:
+    """Torch version, compiled CUDA kernels and archs, compiler versions, library paths."""
+    fields = dict(item.split("=", 1) for item in torch.ops.lily.build_info().split(";"))
+    cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("lily::routed_mix", "CUDA")
+    return {
+        "lily_ext_library": _library.load(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cxx_compiler": fields.get("compiler") or None,
+        "cuda_kernels": cuda_kernels,
+        "cuda_archs": [a for a in fields.get("cuda_archs", "").split(",") if a] if cuda_kernels else [],
+        "nvcc": fields.get("cuda_version") or None,
+        "cuda_available": torch.cuda.is_available(),
+        "onnxruntime_library": None,
+    }

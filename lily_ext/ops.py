@@ -1,0 +1,124 @@
+"""The routed B-bank mixing op, ``torch.ops.lily.routed_mix``, and its Python entry point.
+
+Math (DESIGN.md): with ``h = hidden`` flattened to ``[N, r]``, router ``R [E, r]`` and bank
+``Bk [E, r, out]``, each mode picks mixing weights ``w`` and returns
+``scaling * h @ sum_e w_e Bk_e``:
+
+- ``batch``: ``w = mean_n softmax(h_n R^T)`` over every row of the call (PEFT's semantics);
+- ``sequence``: one ``w`` per sample: the masked mean over its tokens (``hidden [..., L, r]``;
+  1-D/2-D inputs hold one token per sample); a fully masked sample gets a zero delta;
+- ``token``: ``w_n = softmax(h_n R^T)`` per row;
+- ``static``: ``w = softmax(theta)`` with ``router = theta [E]``, independent of the input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MODES = ("batch", "sequence", "token", "static")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+__all__ = ["routed_mix", "MODES"]
+
+
+def _check_args(hidden, router, bank, scaling, mode, mask) -> None:
+    """Mirror of csrc/lily/contract.h, so eager calls and traced (fake) calls fail alike."""
+    for name, t in (("hidden", hidden), ("router", router), ("bank", bank)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor or None, got {type(mask).__name__}")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
+    if hidden.dtype not in DTYPES:
+        raise ValueError(f"hidden: expected dtype float32, float64, bfloat16 or float16, got {hidden.dtype}")
+    for name, t in (("router", router), ("bank", bank)):
+        if t.dtype != hidden.dtype:
+            raise ValueError(f"{name}: dtype {t.dtype} differs from hidden's dtype {hidden.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name}: on device {t.device} but hidden is on {hidden.device}")
+    if bank.dim() != 3:
+        raise ValueError(f"bank: expected a 3-D tensor [E, r, out], got shape {list(bank.shape)}")
+    E, r, out = bank.shape
+    if E < 1 or r < 1 or out < 1:
+        raise ValueError(f"bank: every dim of [E, r, out] must be >= 1, got shape {list(bank.shape)}")
+    if hidden.dim() == 0:
+        raise ValueError("hidden: expected a tensor [..., r] with at least 1 dim, got a 0-dim tensor")
+    if hidden.shape[-1] != r:
+        raise ValueError(f"hidden: last dim must equal bank's r = {r}, got shape {list(hidden.shape)}")
+    if mode == "static":
+        if router.dim() != 1 or router.shape[0] != E:
+            raise ValueError(f"router: static mode expects theta of shape [E] = [{E}], got shape {list(router.shape)}")
+    else:
+        if E < 2:
+            raise ValueError(f"bank: mode {mode!r} routes between experts and needs num_B = E >= 2, got E = 1")
+        if router.dim() != 2 or tuple(router.shape) != (E, r):
+            raise ValueError(f"router: expected shape [E, r] = [{E}, {r}], got shape {list(router.shape)}")
+    if mask is not None:
+        if mode != "sequence":
+            raise ValueError(f"mask: only mode 'sequence' takes a mask, got mode {mode!r}")
+        if mask.device != hidden.device:
+            raise ValueError(f"mask: on device {mask.device} but hidden is on {hidden.device}")
+        if mask.is_complex():
+            raise ValueError(f"mask: expected a bool, integer or float tensor, got {mask.dtype}")
+        if tuple(mask.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"mask: expected shape {list(hidden.shape[:-1])} (hidden's shape without r), got {list(mask.shape)}"
+            )
+
+
+def routed_mix(
+    hidden: torch.Tensor,
+    router: torch.Tensor,
+    bank: torch.Tensor,
+    *,
+    scaling: float = 1.0,
+    mode: str = "batch",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Routed B-bank mixing: ``[..., r] -> [..., out]``, differentiable in hidden, router and bank.
+
+    Args:
+        hidden: ``[..., r]`` low-rank activations (``A x``); ``[S, L, r]`` for ``sequence``.
+        router: ``[E, r]`` router weight, or ``theta [E]`` logits for ``static``.
+        bank: ``[E, r, out]`` B experts.
+        scaling: plain multiplier of the delta.
+        mode: ``"batch"``, ``"sequence"``, ``"token"`` or ``"static"``.
+        mask: ``sequence`` only; ``hidden.shape[:-1]``, nonzero marks tokens that count for routing.
+    """
+    _check_args(hidden, router, bank, scaling, mode, mask)
+    return torch.ops.lily.routed_mix.default(hidden, router, bank, float(scaling), mode, mask)
+
+
+@torch.library.register_fake("lily::routed_mix")
+def _routed_mix_fake(hidden, router, bank, scaling, mode, mask=None):
+    _check_args(hidden, router, bank, scaling, mode, mask)
+    return hidden.new_empty((*hidden.shape[:-1], bank.shape[-1]))
+
+
+@torch.library.register_fake("lily::routed_mix_backward")
+def _routed_mix_backward_fake(grad, hidden, router, bank, scaling, mode, mask=None):
+    _check_args(hidden, router, bank, scaling, mode, mask)
+    return hidden.new_empty(hidden.shape), router.new_empty(router.shape), bank.new_empty(bank.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, router, bank, scaling, mode, mask = inputs
+    ctx.save_for_backward(hidden, router, bank, mask)
+    ctx.scaling = scaling
+    ctx.mode = mode
+
+
+def _backward(ctx, grad):
+    hidden, router, bank, mask = ctx.saved_tensors
+    d_hidden, d_router, d_bank = torch.ops.lily.routed_mix_backward.default(
+        grad, hidden, router, bank, ctx.scaling, ctx.mode, mask
+    )
+    return d_hidden, d_router, d_bank, None, None, None
+
+
+torch.library.register_autograd("lily::routed_mix", _backward, setup_context=_setup_context)

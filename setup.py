@@ -1,0 +1,116 @@
+"""Builds lily_ext._C, the torch op library, with torch.utils.cpp_extension.
+
+Environment:
+  LILY_EXT_CUDA=0|1       force the CUDA kernels off / on (default: on when a CUDA
+                          toolkit and a CUDA build of torch are both present, GPU or not)
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (default: the visible GPU's, else 9.0)
+  CUDA_HOME               CUDA toolkit (default: resolved from the real nvcc on PATH)
+  MAX_JOBS                parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _toolkit_of_nvcc(nvcc):
+    """The toolkit an nvcc really belongs to; wrapper scripts are followed by asking nvcc itself."""
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        text = dry.stdout + dry.stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    here = re.search(r"_HERE_=(\S+)", text)
+    bin_dir = here.group(1) if here else os.path.dirname(os.path.realpath(nvcc))
+    home = os.path.dirname(os.path.realpath(bin_dir))
+    return home if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) else None
+
+
+def find_cuda_home():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    candidates = [_toolkit_of_nvcc(nvcc)] if nvcc else []
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
+            return home
+    return None
+
+
+def nvcc_version(cuda_home):
+    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    match = re.search(r"release (\d+\.\d+)", out.stdout)
+    return match.group(1) if match else "unknown"
+
+
+def cuda_plan():
+    """(use_cuda, cuda_home, reason)."""
+    import torch
+
+    wanted = os.environ.get("LILY_EXT_CUDA", "").strip()
+    if wanted not in ("", "0", "1"):
+        raise SystemExit(f"LILY_EXT_CUDA must be 0 or 1, got {wanted!r}")
+    if wanted == "0":
+        return False, None, "disabled by LILY_EXT_CUDA=0"
+    cuda_home = find_cuda_home()
+    problem = None
+    if torch.version.cuda is None:
+        problem = f"torch {torch.__version__} is not a CUDA build"
+    elif cuda_home is None:
+        problem = "no CUDA toolkit found (set CUDA_HOME)"
+    if problem and wanted == "1":
+        raise SystemExit(f"LILY_EXT_CUDA=1 but {problem}")
+    return problem is None, cuda_home, problem or "CUDA toolkit at " + cuda_home
+
+
+def default_arch_list():
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return "9.0"
+
+
+def build_extensions():
+    use_cuda, cuda_home, reason = cuda_plan()
+    if cuda_home:
+        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+        os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    print(f"lily_ext: CUDA kernels {'on' if use_cuda else 'off'} ({reason})")
+    sources = sorted(glob.glob("csrc/lily/*.cpp")) + sorted(glob.glob("csrc/torch/*.cpp"))
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    macros = []
+    extension = CppExtension
+    extra = {"cxx": cxx_flags}
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ",").replace(";", ",")
+        print(f"lily_ext: CUDA archs {archs} (TORCH_CUDA_ARCH_LIST)")
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/torch/cuda/*.cpp"))
+        macros += [("LILY_WITH_CUDA", None), ("LILY_CUDA_ARCHS", archs), ("LILY_NVCC_VERSION", nvcc_version(cuda_home))]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v"]
+        extension = CUDAExtension
+    ext = extension(
+        name="lily_ext._C",
+        sources=sources,
+        define_macros=macros,
+        extra_compile_args=extra,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = build_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
