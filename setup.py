@@ -91,7 +91,7 @@ def build_extensions():
 
     print(f"lily_ext: CUDA kernels {'on' if use_cuda else 'off'} ({reason})")
     sources = sorted(glob.glob("csrc/lily/*.cpp")) + sorted(glob.glob("csrc/torch/*.cpp"))
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     macros = []
     extension = CppExtension
     extra = {"cxx": cxx_flags}
@@ -108,6 +108,7 @@ def build_extensions():
         sources=sources,
         define_macros=macros,
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -23,8 +23,14 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 __all__ = ["routed_mix", "MODES"]
 
 
+def _check_scaling(scaling) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
+    return float(scaling)
+
+
 def _check_args(hidden, router, bank, scaling, mode, mask) -> None:
-    """Mirror of csrc/lily/contract.h, so eager calls and traced (fake) calls fail alike."""
+    """Mirror of the C++ checks (csrc/lily/contract.h) for fake tensors, so traced calls fail like eager ones."""
     for name, t in (("hidden", hidden), ("router", router), ("bank", bank)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -32,8 +38,7 @@ def _check_args(hidden, router, bank, scaling, mode, mask) -> None:
         raise TypeError(f"mask: expected a torch.Tensor or None, got {type(mask).__name__}")
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
+    _check_scaling(scaling)
     if hidden.dtype not in DTYPES:
         raise ValueError(f"hidden: expected dtype float32, float64, bfloat16 or float16, got {hidden.dtype}")
     for name, t in (("router", router), ("bank", bank)):
@@ -90,8 +95,8 @@ def routed_mix(
         mode: ``"batch"``, ``"sequence"``, ``"token"`` or ``"static"``.
         mask: ``sequence`` only; ``hidden.shape[:-1]``, nonzero marks tokens that count for routing.
     """
-    _check_args(hidden, router, bank, scaling, mode, mask)
-    return torch.ops.lily.routed_mix.default(hidden, router, bank, float(scaling), mode, mask)
+    # Shapes, dtypes and devices are checked by the op itself (in C++, or by the fake kernel when traced).
+    return torch.ops.lily.routed_mix.default(hidden, router, bank, _check_scaling(scaling), mode, mask)
 
 
 @torch.library.register_fake("lily::routed_mix")
@@ -106,19 +111,4 @@ def _routed_mix_backward_fake(grad, hidden, router, bank, scaling, mode, mask=No
     return hidden.new_empty(hidden.shape), router.new_empty(router.shape), bank.new_empty(bank.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    hidden, router, bank, scaling, mode, mask = inputs
-    ctx.save_for_backward(hidden, router, bank, mask)
-    ctx.scaling = scaling
-    ctx.mode = mode
-
-
-def _backward(ctx, grad):
-    hidden, router, bank, mask = ctx.saved_tensors
-    d_hidden, d_router, d_bank = torch.ops.lily.routed_mix_backward.default(
-        grad, hidden, router, bank, ctx.scaling, ctx.mode, mask
-    )
-    return d_hidden, d_router, d_bank, None, None, None
-
-
-torch.library.register_autograd("lily::routed_mix", _backward, setup_context=_setup_context)
+# Autograd is registered in C++ (csrc/torch/routed_mix_autograd.cpp): no Python on the call path.

@@ -3,8 +3,10 @@
 // AVX-512 or AVX2 where the host has it and plain SSE2 elsewhere.
 #include "cpu_primitives.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__) && \
     !defined(LILY_NO_MULTIVERSION)
@@ -28,9 +30,20 @@ struct Simd {
     return v;
   }
   static LILY_INLINE void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
-  static LILY_INLINE T sum(type v) {  // fixed order
+  // Horizontal sum by halving (fixed order, so deterministic).
+  static LILY_INLINE T sum(type v) {
+    typedef T half __attribute__((vector_size(32)));
+    typedef T quarter __attribute__((vector_size(16)));
+    half h0, h1;
+    std::memcpy(&h0, &v, sizeof(h0));
+    std::memcpy(&h1, reinterpret_cast<const char*>(&v) + sizeof(h0), sizeof(h1));
+    h0 += h1;
+    quarter q0, q1;
+    std::memcpy(&q0, &h0, sizeof(q0));
+    std::memcpy(&q1, reinterpret_cast<const char*>(&h0) + sizeof(q0), sizeof(q1));
+    q0 += q1;
     T s = 0;
-    for (int64_t l = 0; l < width; ++l) s += v[l];
+    for (size_t l = 0; l < sizeof(q0) / sizeof(T); ++l) s += q0[l];
     return s;
   }
 };
@@ -86,32 +99,43 @@ LILY_INLINE void combine_bank_impl(const T* weights, const T* bank, int64_t expe
 }
 
 // Register-tiled C = alpha * A @ B for a block of at most two vectors of
-// columns: four rows share each B load.
+// columns: four rows share each B load. The B panel is first copied to a
+// contiguous buffer: rows of B a power-of-two apart (out = 1024 floats is 4 KiB)
+// would all land in the same L1 sets and evict each other.
 template <typename T>
 LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, const T* A,
-                                 int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+                                 int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,
+                                 int64_t ldc) {
   using S = Simd<T>;
   using V = typename S::type;
   constexpr int64_t W = S::width;
   if (cols == 2 * W) {
+    thread_local std::vector<T> panel;
+    if (ldb != 2 * W && M >= 8) {
+      panel.resize(static_cast<size_t>(K * 2 * W));
+      for (int64_t k = 0; k < K; ++k) std::memcpy(panel.data() + k * 2 * W, B + k * ldb, sizeof(T) * 2 * W);
+      B = panel.data();
+      ldb = 2 * W;
+    }
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
-      const T* a0 = A + m * lda;
-      const T* a1 = a0 + lda;
-      const T* a2 = a1 + lda;
-      const T* a3 = a2 + lda;
+      const T* a0 = A + m * a_row;
+      const T* a1 = a0 + a_row;
+      const T* a2 = a1 + a_row;
+      const T* a3 = a2 + a_row;
       V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
       for (int64_t k = 0; k < K; ++k) {
         const V b0 = S::load(B + k * ldb);
         const V b1 = S::load(B + k * ldb + W);
-        c00 += a0[k] * b0;
-        c01 += a0[k] * b1;
-        c10 += a1[k] * b0;
-        c11 += a1[k] * b1;
-        c20 += a2[k] * b0;
-        c21 += a2[k] * b1;
-        c30 += a3[k] * b0;
-        c31 += a3[k] * b1;
+        const int64_t ak = k * a_col;
+        c00 += a0[ak] * b0;
+        c01 += a0[ak] * b1;
+        c10 += a1[ak] * b0;
+        c11 += a1[ak] * b1;
+        c20 += a2[ak] * b0;
+        c21 += a2[ak] * b1;
+        c30 += a3[ak] * b0;
+        c31 += a3[ak] * b1;
       }
       T* c = C + m * ldc;
       S::store(c, alpha * c00);
@@ -124,11 +148,11 @@ LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, co
       S::store(c + 3 * ldc + W, alpha * c31);
     }
     for (; m < M; ++m) {
-      const T* a = A + m * lda;
+      const T* a = A + m * a_row;
       V c0 = {}, c1 = {};
       for (int64_t k = 0; k < K; ++k) {
-        c0 += a[k] * S::load(B + k * ldb);
-        c1 += a[k] * S::load(B + k * ldb + W);
+        c0 += a[k * a_col] * S::load(B + k * ldb);
+        c1 += a[k * a_col] * S::load(B + k * ldb + W);
       }
       S::store(C + m * ldc, alpha * c0);
       S::store(C + m * ldc + W, alpha * c1);
@@ -138,31 +162,90 @@ LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, co
   // Ragged last block: only `cols` columns of B may be read.
   T acc[2 * W];
   for (int64_t m = 0; m < M; ++m) {
-    const T* a = A + m * lda;
+    const T* a = A + m * a_row;
     for (int64_t j = 0; j < cols; ++j) acc[j] = 0;
     for (int64_t k = 0; k < K; ++k) {
       const T* b = B + k * ldb;
-      for (int64_t j = 0; j < cols; ++j) acc[j] += a[k] * b[j];
+      for (int64_t j = 0; j < cols; ++j) acc[j] += a[k * a_col] * b[j];
     }
     for (int64_t j = 0; j < cols; ++j) C[m * ldc + j] = alpha * acc[j];
   }
 }
 
+// C = alpha * A @ B^T as dot products, tiled 4 rows of A x 2 rows of B so
+// that each load feeds two or four FMAs. The A tile (4 rows) stays in L1 while
+// every row of B streams past it once.
+template <typename T>
+LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                                    int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  using S = Simd<T>;
+  using V = typename S::type;
+  constexpr int64_t W = S::width;
+  const int64_t kv = K - K % W;
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    const T* a[4] = {A + m * lda, A + (m + 1) * lda, A + (m + 2) * lda, A + (m + 3) * lda};
+    int64_t n = 0;
+    for (; n + 2 <= N; n += 2) {
+      const T* b0 = B + n * ldb;
+      const T* b1 = b0 + ldb;
+      V s00 = {}, s01 = {}, s10 = {}, s11 = {}, s20 = {}, s21 = {}, s30 = {}, s31 = {};
+      for (int64_t k = 0; k < kv; k += W) {
+        const V x0 = S::load(b0 + k), x1 = S::load(b1 + k);
+        const V y0 = S::load(a[0] + k), y1 = S::load(a[1] + k), y2 = S::load(a[2] + k), y3 = S::load(a[3] + k);
+        s00 += y0 * x0;
+        s01 += y0 * x1;
+        s10 += y1 * x0;
+        s11 += y1 * x1;
+        s20 += y2 * x0;
+        s21 += y2 * x1;
+        s30 += y3 * x0;
+        s31 += y3 * x1;
+      }
+      const V* sums[4][2] = {{&s00, &s01}, {&s10, &s11}, {&s20, &s21}, {&s30, &s31}};
+      for (int i = 0; i < 4; ++i) {
+        T t0 = S::sum(*sums[i][0]), t1 = S::sum(*sums[i][1]);
+        for (int64_t k = kv; k < K; ++k) {
+          t0 += a[i][k] * b0[k];
+          t1 += a[i][k] * b1[k];
+        }
+        C[(m + i) * ldc + n] = alpha * t0;
+        C[(m + i) * ldc + n + 1] = alpha * t1;
+      }
+    }
+    for (; n < N; ++n)
+      for (int i = 0; i < 4; ++i) C[(m + i) * ldc + n] = alpha * dot(a[i], B + n * ldb, K);
+  }
+  for (; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = alpha * dot(A + m * lda, B + n * ldb, K);
+}
+
 template <typename T>
 LILY_INLINE void bank_grad_impl(const T* weights, const T* dcomb, const T* bank, int64_t experts,
                                 int64_t plane, int64_t j0, int64_t j1, bool accumulate, T* dbank,
-                                T* dweights) {
-  const int64_t n = j1 - j0;
-  for (int64_t e = 0; e < experts; ++e) {
-    const T w = weights[e];
-    T* db = dbank + e * plane + j0;
-    const T* g = dcomb + j0;
-    if (accumulate) {
-      for (int64_t j = 0; j < n; ++j) db[j] += w * g[j];
-    } else {
-      for (int64_t j = 0; j < n; ++j) db[j] = w * g[j];
+                                T* dweights, T* comb) {
+  constexpr int64_t kBlock = 1024;  // a block of every expert's plane stays in L1 for all three uses
+  for (int64_t e = 0; e < experts; ++e) dweights[e] = 0;
+  for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, j1 - b0);
+    const T* g = dcomb + b0;
+    T* c = comb + b0;
+    for (int64_t e = 0; e < experts; ++e) {
+      const T w = weights[e];
+      const T* bk = bank + e * plane + b0;
+      T* db = dbank + e * plane + b0;
+      if (accumulate) {
+        for (int64_t j = 0; j < n; ++j) db[j] += w * g[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) db[j] = w * g[j];
+      }
+      dweights[e] += dot(bk, g, n);
+      if (e == 0) {
+        for (int64_t j = 0; j < n; ++j) c[j] = w * bk[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) c[j] += w * bk[j];
+      }
     }
-    dweights[e] = dot(bank + e * plane + j0, g, n);
   }
 }
 
@@ -231,13 +314,19 @@ LILY_INLINE void router_backward_impl(const T* hidden, const T* probs, const T* 
     combine_bank_impl(weights, bank, experts, rank, out, i0, i1, c0, cols, dst, ld_dst);           \
   }                                                                                                \
   LILY_MULTIVERSION void gemm_small(int64_t M, int64_t K, int64_t cols, T alpha, const T* A,      \
-                                    int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {    \
-    gemm_small_impl(M, K, cols, alpha, A, lda, B, ldb, C, ldc);                                    \
+                                    int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,  \
+                                    int64_t ldc) {                                                \
+    gemm_small_impl(M, K, cols, alpha, A, a_row, a_col, B, ldb, C, ldc);                           \
+  }                                                                                                \
+  LILY_MULTIVERSION void gemm_small_nt(int64_t M, int64_t N, int64_t K, T alpha, const T* A,      \
+                                       int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) { \
+    gemm_small_nt_impl(M, N, K, alpha, A, lda, B, ldb, C, ldc);                                    \
   }                                                                                                \
   LILY_MULTIVERSION void bank_grad(const T* weights, const T* dcomb, const T* bank,              \
                                    int64_t experts, int64_t plane, int64_t j0, int64_t j1,        \
-                                   bool accumulate, T* dbank, T* dweights) {                      \
-    bank_grad_impl(weights, dcomb, bank, experts, plane, j0, j1, accumulate, dbank, dweights);     \
+                                   bool accumulate, T* dbank, T* dweights, T* comb) {             \
+    bank_grad_impl(weights, dcomb, bank, experts, plane, j0, j1, accumulate, dbank, dweights,      \
+                   comb);                                                                          \
   }                                                                                                \
   LILY_MULTIVERSION void kron_rows(const T* W, const T* hidden, int64_t rows, int64_t experts,    \
                                    int64_t rank, T* Z) {                                          \

@@ -6,6 +6,10 @@
 //   void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
 //             const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) const;
 //       row-major C[M, N] = alpha * op(A) @ op(B) + beta * C (beta == 0: C is not read)
+//   void gemm_batched(bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
+//                     T alpha, const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb,
+//                     int64_t stride_b, T* C, int64_t ldc, int64_t stride_c) const;
+//       the same with beta = 0 for `batch` problems, matrix i at A + i * stride_a etc.
 //
 // so the large GEMMs go to the host framework's BLAS. Everything around them
 // (routing, bank contraction, small-N products, the softmax backward) is done
@@ -16,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "contract.h"
@@ -28,13 +33,61 @@ namespace cpu {
 // at a time right before it is used (it never leaves the cache), and the small
 // product is done by gemm_small instead of the BLAS.
 constexpr int64_t kSmallRows = 64;
+constexpr int64_t kSmallRowsNT = 16;
+// Columns of the combined bank formed per task on that path.
+constexpr int64_t kWideCols = 256;
 // Rows per piece of the row-wise passes, and per piece of the (W kron h) matrix.
 constexpr int64_t kRowPiece = 256;
 constexpr int64_t kKronRows = 2048;
 // Elements of a bank plane per piece of the bank-gradient pass.
 constexpr int64_t kPlanePiece = 16384;
+// Combined banks of sequence samples formed at once for a batched GEMM.
+constexpr int64_t kBatchedPlanesBytes = int64_t(16) << 20;
+
+// Up to this many rows per group, the backward goes through the per-row
+// (W kron h) form: E times the GEMM work, but no pass over the bank per group.
+constexpr int64_t kPerRowBackwardRows = 4;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Scratch that is fully written before it is read: no zero-fill.
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+}
+
+// C[M, N] = alpha * op(A) @ op(B) + beta * C, row-major. Shapes where the
+// gemm_small kernels beat the BLAS (measured against MKL, 1 thread, r = 128,
+// out = 1024): NN with M <= 64 and TN with K <= 64 (L1-friendly packed panels,
+// no BLAS call overhead); NT only for M <= 16 (row dot products; MKL wins above).
+template <typename T, typename Backend>
+void matmul(const Backend& be, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
+            const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  const bool small = beta == T(0) && !(trans_a && trans_b) &&
+                     (trans_b ? M <= kSmallRowsNT : (trans_a ? K : M) <= kSmallRows);
+  if (!small) {
+    be.gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else if (trans_b) {
+    constexpr int64_t kRowsOfB = 16;
+    be.parallel_for(ceil_div(N, kRowsOfB), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * kRowsOfB;
+        gemm_small_nt(M, std::min(kRowsOfB, N - n0), K, alpha, A, lda, B + n0 * ldb, ldb, C + n0, ldc);
+      }
+    });
+  } else {
+    constexpr int64_t CB = kColBlock<T>, kRowsOfC = 128;
+    const int64_t a_row = trans_a ? 1 : lda, a_col = trans_a ? lda : 1;
+    const int64_t col_tasks = ceil_div(N, CB);
+    be.parallel_for(ceil_div(M, kRowsOfC) * col_tasks, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t m0 = (t / col_tasks) * kRowsOfC, c0 = (t % col_tasks) * CB;
+        gemm_small(std::min(kRowsOfC, M - m0), K, std::min(CB, N - c0), alpha, A + m0 * a_row, a_row,
+                   a_col, B + c0, ldb, C + m0 * ldc + c0, ldc);
+      }
+    });
+  }
+}
 
 template <typename T>
 struct Routing {
@@ -91,32 +144,48 @@ Routing<T> compute_routing(const Backend& be, const MixShape& s, const T* hidden
   return rt;
 }
 
+template <typename T>
+int64_t groups_per_batch(const MixShape& s) {
+  const int64_t bytes = s.rank * s.out * int64_t(sizeof(T));
+  return std::max<int64_t>(1, std::min(s.groups, kBatchedPlanesBytes / bytes));
+}
+
 // delta[g rows] = scaling * hidden[g rows] @ (sum_e W[g, e] bank[e]) for each group.
 template <typename T, typename Backend>
 void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* bank,
                  const T* W, T* delta) {
   const int64_t E = s.experts, r = s.rank, out = s.out, L = s.group_rows;
   if (L <= kSmallRows) {
+    // Wide column blocks keep the bank reads long and contiguous; gemm_small
+    // then walks the block kColBlock columns at a time.
     constexpr int64_t CB = kColBlock<T>;
-    const int64_t blocks = ceil_div(out, CB);
+    const int64_t blocks = ceil_div(out, kWideCols);
     be.parallel_for(s.groups * blocks, [&](int64_t t0, int64_t t1) {
-      std::vector<T> comb(r * CB);
+      auto comb = scratch<T>(r * kWideCols);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t g = t / blocks, c0 = (t % blocks) * CB, cols = std::min(CB, out - c0);
-        combine_bank(W + g * E, bank, E, r, out, 0, r, c0, cols, comb.data(), CB);
-        gemm_small(L, r, cols, scaling, hidden + g * L * r, r, comb.data(), CB,
-                   delta + g * L * out + c0, out);
+        const int64_t g = t / blocks, c0 = (t % blocks) * kWideCols;
+        const int64_t width = std::min(kWideCols, out - c0);
+        combine_bank(W + g * E, bank, E, r, out, 0, r, c0, width, comb.get(), kWideCols);
+        for (int64_t c = 0; c < width; c += CB)
+          gemm_small(L, r, std::min(CB, width - c), scaling, hidden + g * L * r, r, 1, comb.get() + c,
+                     kWideCols, delta + g * L * out + c0 + c, out);
       }
     });
     return;
   }
-  std::vector<T> comb(r * out);
-  for (int64_t g = 0; g < s.groups; ++g) {
-    be.parallel_for(r, [&](int64_t i0, int64_t i1) {
-      combine_bank(W + g * E, bank, E, r, out, i0, i1, 0, out, comb.data() + i0 * out, out);
+  // Many rows per group: combined banks for a batch of groups, then one batched BLAS call.
+  const int64_t plane = r * out, batch = groups_per_batch<T>(s);
+  auto comb = scratch<T>(batch * plane);
+  for (int64_t g0 = 0; g0 < s.groups; g0 += batch) {
+    const int64_t count = std::min(batch, s.groups - g0);
+    be.parallel_for(count * r, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = t / r, i = t % r;
+        combine_bank(W + (g0 + g) * E, bank, E, r, out, i, i + 1, 0, out, comb.get() + g * plane + i * out, out);
+      }
     });
-    be.gemm(false, false, L, out, r, scaling, hidden + g * L * r, r, comb.data(), out, T(0),
-            delta + g * L * out, out);
+    be.gemm_batched(false, false, count, L, out, r, scaling, hidden + g0 * L * r, r, L * r, comb.get(), out,
+                    plane, delta + g0 * L * out, out, L * out);
   }
 }
 
@@ -126,27 +195,16 @@ template <typename T, typename Backend>
 void mix_per_row(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* bank,
                  const T* W, T* delta) {
   const int64_t N = s.rows, E = s.experts, r = s.rank, out = s.out, K = E * r;
-  std::vector<T> Z(std::min(N, kKronRows) * K);
+  auto Z = scratch<T>(std::min(N, kKronRows) * K);
   for (int64_t n0 = 0; n0 < N; n0 += kKronRows) {
     const int64_t rows = std::min(kKronRows, N - n0);
     be.parallel_for(ceil_div(rows, kRowPiece), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m0 = b * kRowPiece, m1 = std::min(rows, m0 + kRowPiece);
-        kron_rows(W + (n0 + m0) * E, hidden + (n0 + m0) * r, m1 - m0, E, r, Z.data() + m0 * K);
+        kron_rows(W + (n0 + m0) * E, hidden + (n0 + m0) * r, m1 - m0, E, r, Z.get() + m0 * K);
       }
     });
-    T* d = delta + n0 * out;
-    if (rows <= kSmallRows) {
-      constexpr int64_t CB = kColBlock<T>;
-      be.parallel_for(ceil_div(out, CB), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t c0 = b * CB;
-          gemm_small(rows, K, std::min(CB, out - c0), scaling, Z.data(), K, bank + c0, out, d + c0, out);
-        }
-      });
-    } else {
-      be.gemm(false, false, rows, out, K, scaling, Z.data(), K, bank, out, T(0), d, out);
-    }
+    matmul(be, false, false, rows, out, K, scaling, Z.get(), K, bank, out, T(0), delta + n0 * out, out);
   }
 }
 
@@ -162,61 +220,74 @@ void routed_mix_forward(const Backend& be, const MixShape& s, T scaling, const T
 }
 
 // Backward of mix_grouped: writes dhidden (mixing part), dbank and dW [groups, E].
+// Groups of up to kSmallRows rows use the gemm_small kernels one group at a
+// time; larger groups go to the BLAS in batches.
 template <typename T, typename Backend>
 void mix_grouped_backward(const Backend& be, const MixShape& s, T scaling, const T* grad,
                           const T* hidden, const T* bank, const T* W, T* dhidden, T* dbank, T* dW) {
   const int64_t E = s.experts, r = s.rank, out = s.out, L = s.group_rows, plane = r * out;
   const int64_t pieces = ceil_div(plane, kPlanePiece);
-  std::vector<T> dcomb(plane), comb(plane), partial(pieces * E);
-  for (int64_t g = 0; g < s.groups; ++g) {
-    const T* h = hidden + g * L * r;
-    const T* G = grad + g * L * out;
+  const int64_t batch = L <= kSmallRows ? 1 : groups_per_batch<T>(s);
+  auto dcomb = scratch<T>(batch * plane), comb = scratch<T>(batch * plane), partial = scratch<T>(pieces * E);
+  for (int64_t g0 = 0; g0 < s.groups; g0 += batch) {
+    const int64_t count = std::min(batch, s.groups - g0);
+    const T* h = hidden + g0 * L * r;
+    const T* G = grad + g0 * L * out;
     // dBc_g = s h_g^T G_g
-    be.gemm(true, false, r, out, L, scaling, h, r, G, out, T(0), dcomb.data(), out);
-    // dBk += w_g (x) dBc_g and dw_g = <Bk_e, dBc_g>, one pass over the bank
-    be.parallel_for(pieces, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t j0 = p * kPlanePiece, j1 = std::min(plane, j0 + kPlanePiece);
-        bank_grad(W + g * E, dcomb.data(), bank, E, plane, j0, j1, g > 0, dbank, partial.data() + p * E);
+    if (batch == 1)
+      matmul(be, true, false, r, out, L, scaling, h, r, G, out, T(0), dcomb.get(), out);
+    else
+      be.gemm_batched(true, false, count, r, out, L, scaling, h, r, L * r, G, out, L * out, dcomb.get(), out, plane);
+    for (int64_t c = 0; c < count; ++c) {
+      const int64_t g = g0 + c;
+      // one pass over the bank: dBk += w_g (x) dBc_g, dw_g = <Bk_e, dBc_g>, Bc_g = sum_e w_ge Bk_e
+      be.parallel_for(pieces, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t j0 = p * kPlanePiece, j1 = std::min(plane, j0 + kPlanePiece);
+          bank_grad(W + g * E, dcomb.get() + c * plane, bank, E, plane, j0, j1, g > 0, dbank,
+                    partial.get() + p * E, comb.get() + c * plane);
+        }
+      });
+      for (int64_t e = 0; e < E; ++e) {
+        T total = 0;
+        for (int64_t p = 0; p < pieces; ++p) total += partial[p * E + e];
+        dW[g * E + e] = total;
       }
-    });
-    for (int64_t e = 0; e < E; ++e) {
-      T total = 0;
-      for (int64_t p = 0; p < pieces; ++p) total += partial[p * E + e];
-      dW[g * E + e] = total;
     }
     // dh_g = s G_g Bc_g^T
-    be.parallel_for(r, [&](int64_t i0, int64_t i1) {
-      combine_bank(W + g * E, bank, E, r, out, i0, i1, 0, out, comb.data() + i0 * out, out);
-    });
-    be.gemm(false, true, L, r, out, scaling, G, out, comb.data(), out, T(0), dhidden + g * L * r, r);
+    if (batch == 1)
+      matmul(be, false, true, L, r, out, scaling, G, out, comb.get(), out, T(0), dhidden + g0 * L * r, r);
+    else
+      be.gemm_batched(false, true, count, L, r, out, scaling, G, out, L * out, comb.get(), out, plane,
+                      dhidden + g0 * L * r, r, L * r);
   }
 }
 
-// Backward of mix_per_row: with Z = W kron h, dBk_flat = s Z^T G, dZ = s G Bk_flat^T.
+// Backward of mix_per_row, W given per row: with Z = W kron h,
+// dBk_flat = s Z^T G and dZ = s G Bk_flat^T; writes dhidden, dbank, dW [N, E].
 template <typename T, typename Backend>
 void mix_per_row_backward(const Backend& be, const MixShape& s, T scaling, const T* grad,
                           const T* hidden, const T* bank, const T* W, T* dhidden, T* dbank, T* dW) {
   const int64_t N = s.rows, E = s.experts, r = s.rank, out = s.out, K = E * r;
   const int64_t chunk = std::min(N, kKronRows);
-  std::vector<T> Z(chunk * K), dZ(chunk * K);
+  auto Z = scratch<T>(chunk * K), dZ = scratch<T>(chunk * K);
   for (int64_t n0 = 0; n0 < N; n0 += kKronRows) {
     const int64_t rows = std::min(kKronRows, N - n0);
     const int64_t pieces = ceil_div(rows, kRowPiece);
     be.parallel_for(pieces, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m0 = b * kRowPiece, m1 = std::min(rows, m0 + kRowPiece);
-        kron_rows(W + (n0 + m0) * E, hidden + (n0 + m0) * r, m1 - m0, E, r, Z.data() + m0 * K);
+        kron_rows(W + (n0 + m0) * E, hidden + (n0 + m0) * r, m1 - m0, E, r, Z.get() + m0 * K);
       }
     });
     const T* G = grad + n0 * out;
-    be.gemm(true, false, K, out, rows, scaling, Z.data(), K, G, out, T(n0 > 0 ? 1 : 0), dbank, out);
-    be.gemm(false, true, rows, K, out, scaling, G, out, bank, out, T(0), dZ.data(), K);
+    matmul(be, true, false, K, out, rows, scaling, Z.get(), K, G, out, T(n0 > 0 ? 1 : 0), dbank, out);
+    matmul(be, false, true, rows, K, out, scaling, G, out, bank, out, T(0), dZ.get(), K);
     be.parallel_for(pieces, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m0 = b * kRowPiece, m1 = std::min(rows, m0 + kRowPiece), n = n0 + m0;
-        kron_rows_backward(W + n * E, hidden + n * r, dZ.data() + m0 * K, m1 - m0, E, r,
-                           dW + n * E, dhidden + n * r);
+        kron_rows_backward(W + n * E, hidden + n * r, dZ.get() + m0 * K, m1 - m0, E, r, dW + n * E,
+                           dhidden + n * r);
       }
     });
   }
@@ -226,7 +297,7 @@ template <typename T, typename Backend>
 void routed_mix_backward(const Backend& be, const MixShape& s, T scaling, const T* grad,
                          const T* hidden, const T* router, const T* bank, const uint8_t* mask,
                          T* dhidden, T* drouter, T* dbank) {
-  const int64_t N = s.rows, E = s.experts, r = s.rank;
+  const int64_t N = s.rows, E = s.experts, r = s.rank, L = s.group_rows;
   const int64_t router_size = s.mode == Mode::kStatic ? E : E * r;
   if (N == 0) {
     std::fill(drouter, drouter + router_size, T(0));
@@ -234,11 +305,23 @@ void routed_mix_backward(const Backend& be, const MixShape& s, T scaling, const 
     return;
   }
   const Routing<T> rt = compute_routing<T>(be, s, hidden, router, mask);
+  // dW: gradient of the mixing weights, one row per group.
   std::vector<T> dW(s.groups * E);
-  if (mixes_per_row(s))
-    mix_per_row_backward(be, s, scaling, grad, hidden, bank, rt.weights.data(), dhidden, dbank, dW.data());
-  else
+  if (s.mode == Mode::kToken || L <= kPerRowBackwardRows) {
+    std::vector<T> row_W, row_dW(N * E);
+    const T* W = rt.weights.data();
+    if (s.mode != Mode::kToken) {  // every row of a group carries the group's weights
+      row_W.resize(N * E);
+      for (int64_t n = 0; n < N; ++n) std::copy_n(W + (n / L) * E, E, row_W.data() + n * E);
+      W = row_W.data();
+    }
+    mix_per_row_backward(be, s, scaling, grad, hidden, bank, W, dhidden, dbank, row_dW.data());
+    for (int64_t g = 0; g < s.groups; ++g)
+      for (int64_t n = g * L; n < (g + 1) * L; ++n)
+        for (int64_t e = 0; e < E; ++e) dW[g * E + e] += row_dW[n * E + e];
+  } else {
     mix_grouped_backward(be, s, scaling, grad, hidden, bank, rt.weights.data(), dhidden, dbank, dW.data());
+  }
 
   if (s.mode == Mode::kStatic) {  // dtheta = w * (dw - <w, dw>)
     const T* w = rt.weights.data();
@@ -248,8 +331,9 @@ void routed_mix_backward(const Backend& be, const MixShape& s, T scaling, const 
     return;
   }
   // Gradient reaching each row's router probabilities.
-  std::vector<T> dP(N * E);
+  auto dP = scratch<T>(N * E);
   for (int64_t n = 0; n < N; ++n) {
+    const int64_t g = n / L;
     for (int64_t e = 0; e < E; ++e) {
       T v;
       if (s.mode == Mode::kBatch) {
@@ -257,7 +341,6 @@ void routed_mix_backward(const Backend& be, const MixShape& s, T scaling, const 
       } else if (s.mode == Mode::kToken) {
         v = dW[n * E + e];
       } else {
-        const int64_t g = n / s.group_rows;
         v = (mask && !mask[n]) ? T(0) : dW[g * E + e] * rt.inv_count[g];
       }
       dP[n * E + e] = v;
@@ -270,7 +353,7 @@ void routed_mix_backward(const Backend& be, const MixShape& s, T scaling, const 
   be.parallel_for(pieces, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * piece, n1 = std::min(N, n0 + piece);
-      router_backward(hidden + n0 * r, rt.probs.data() + n0 * E, dP.data() + n0 * E, n1 - n0, r,
+      router_backward(hidden + n0 * r, rt.probs.data() + n0 * E, dP.get() + n0 * E, n1 - n0, r,
                       router, E, dhidden + n0 * r, partial.data() + b * E * r);
     }
   });

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -37,20 +38,24 @@ inline at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
 }
 
+// "torch.float32", as Python users write it.
+inline std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& hidden) {
-  TORCH_CHECK_VALUE(t.scalar_type() == hidden.scalar_type(), name, ": dtype ", t.scalar_type(),
-                    " differs from hidden's dtype ", hidden.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == hidden.scalar_type(), name, ": dtype ", dtype_name(t.scalar_type()),
+                    " differs from hidden's dtype ", dtype_name(hidden.scalar_type()));
   TORCH_CHECK_VALUE(t.device() == hidden.device(), name, ": on device ", t.device(),
                     " but hidden is on ", hidden.device());
 }
 
 // Validates one call and returns its sizes; `grad` is checked when given.
 inline lily::MixShape check_routed_mix_args(const at::Tensor& hidden, const at::Tensor& router,
-                                            const at::Tensor& bank, c10::string_view mode,
+                                            const at::Tensor& bank, double scaling, c10::string_view mode,
                                             const std::optional<at::Tensor>& mask, const at::Tensor* grad) {
+  TORCH_CHECK_VALUE(std::isfinite(scaling), "scaling: expected a finite float, got ", scaling);
   const auto dt = hidden.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                    "hidden: expected dtype float32, float64, bfloat16 or float16, got ", dt);
+                    "hidden: expected dtype float32, float64, bfloat16 or float16, got ", dtype_name(dt));
   check_same(router, "router", hidden);
   check_same(bank, "bank", hidden);
   std::vector<int64_t> mask_dims;
@@ -58,7 +63,7 @@ inline lily::MixShape check_routed_mix_args(const at::Tensor& hidden, const at::
     TORCH_CHECK_VALUE(mask->device() == hidden.device(), "mask: on device ", mask->device(),
                       " but hidden is on ", hidden.device());
     TORCH_CHECK_VALUE(!mask->is_complex(), "mask: expected a bool, integer or float tensor, got ",
-                      mask->scalar_type());
+                      dtype_name(mask->scalar_type()));
     mask_dims = mask->sizes().vec();
   }
   lily::MixShape s;

@@ -38,11 +38,29 @@ struct TorchCpuBackend {
     };
     c.addmm_(view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b), beta, alpha);
   }
+
+  template <typename T>
+  void gemm_batched(bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N, int64_t K, T alpha,
+                    const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b, T* C,
+                    int64_t ldc, int64_t stride_c) const {
+    if (batch == 0 || M == 0 || N == 0) return;
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor c = at::from_blob(C, {batch, M, N}, {stride_c, ldc, 1}, opts);
+    if (K == 0) {
+      c.zero_();
+      return;
+    }
+    auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, int64_t stride, bool trans) {
+      return trans ? at::from_blob(const_cast<T*>(p), {batch, rows, cols}, {stride, 1, ld}, opts)
+                   : at::from_blob(const_cast<T*>(p), {batch, rows, cols}, {stride, ld, 1}, opts);
+    };
+    c.baddbmm_(view(A, M, K, lda, stride_a, trans_a), view(B, K, N, ldb, stride_b, trans_b), T(0), alpha);
+  }
 };
 
 at::Tensor routed_mix_cpu(const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank,
                           double scaling, c10::string_view mode, const std::optional<at::Tensor>& mask) {
-  const lily::MixShape s = check_routed_mix_args(hidden, router, bank, mode, mask, nullptr);
+  const lily::MixShape s = check_routed_mix_args(hidden, router, bank, scaling, mode, mask, nullptr);
   const auto compute = compute_dtype(hidden.scalar_type());
   const at::Tensor h = hidden.to(compute).contiguous();
   const at::Tensor R = router.to(compute).contiguous();
@@ -63,7 +81,7 @@ at::Tensor routed_mix_cpu(const at::Tensor& hidden, const at::Tensor& router, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_mix_backward_cpu(
     const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank,
     double scaling, c10::string_view mode, const std::optional<at::Tensor>& mask) {
-  const lily::MixShape s = check_routed_mix_args(hidden, router, bank, mode, mask, &grad);
+  const lily::MixShape s = check_routed_mix_args(hidden, router, bank, scaling, mode, mask, &grad);
   const auto compute = compute_dtype(hidden.scalar_type());
   const at::Tensor G = grad.to(compute).contiguous();
   const at::Tensor h = hidden.to(compute).contiguous();
