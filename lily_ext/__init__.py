@@ -4,9 +4,26 @@ from . import _library
 
 _library.load()
 
-from . import ops  # noqa: E402  (registers fake kernels and autograd for torch.ops.lily)
+from . import ops  # noqa: E402  (registers the fake kernels of torch.ops.lily)
 from ._build import build_info  # noqa: E402
+from .checkpoint import AdapterLoadError, load_adapter  # noqa: E402
+from .config import LilyConfig  # noqa: E402
+from .model import LilyModel, get_lily_model  # noqa: E402
+from .peft_interop import from_peft, load_peft_adapter, patch_peft, unpatch_peft  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "build_info", "__version__"]
+__all__ = [
+    "AdapterLoadError",
+    "LilyConfig",
+    "LilyModel",
+    "build_info",
+    "from_peft",
+    "get_lily_model",
+    "load_adapter",
+    "load_peft_adapter",
+    "ops",
+    "patch_peft",
+    "unpatch_peft",
+    "__version__",
+]

@@ -184,8 +184,11 @@ void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidde
         combine_bank(W + (g0 + g) * E, bank, E, r, out, i, i + 1, 0, out, comb.get() + g * plane + i * out, out);
       }
     });
-    be.gemm_batched(false, false, count, L, out, r, scaling, hidden + g0 * L * r, r, L * r, comb.get(), out,
-                    plane, delta + g0 * L * out, out, L * out);
+    if (count == 1)
+      be.gemm(false, false, L, out, r, scaling, hidden + g0 * L * r, r, comb.get(), out, T(0), delta + g0 * L * out, out);
+    else
+      be.gemm_batched(false, false, count, L, out, r, scaling, hidden + g0 * L * r, r, L * r, comb.get(), out,
+                      plane, delta + g0 * L * out, out, L * out);
   }
 }
 
@@ -234,7 +237,7 @@ void mix_grouped_backward(const Backend& be, const MixShape& s, T scaling, const
     const T* h = hidden + g0 * L * r;
     const T* G = grad + g0 * L * out;
     // dBc_g = s h_g^T G_g
-    if (batch == 1)
+    if (count == 1)
       matmul(be, true, false, r, out, L, scaling, h, r, G, out, T(0), dcomb.get(), out);
     else
       be.gemm_batched(true, false, count, r, out, L, scaling, h, r, L * r, G, out, L * out, dcomb.get(), out, plane);
@@ -255,7 +258,7 @@ void mix_grouped_backward(const Backend& be, const MixShape& s, T scaling, const
       }
     }
     // dh_g = s G_g Bc_g^T
-    if (batch == 1)
+    if (count == 1)
       matmul(be, false, true, L, r, out, scaling, G, out, comb.get(), out, T(0), dhidden + g0 * L * r, r);
     else
       be.gemm_batched(false, true, count, L, r, out, scaling, G, out, L * out, comb.get(), out, plane,

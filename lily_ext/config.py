@@ -1,0 +1,100 @@
+"""LilyConfig: what to adapt and how, with the same fields and meaning as PEFT's ``LilyConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+ROUTINGS = ("batch", "sequence", "token", "static")
+
+
+@dataclass
+class LilyConfig:
+    """Configuration of a Lily adapter.
+
+    Args:
+        r: rank of every adapter (the low dimension of A and of each B expert).
+        stride_A: how many consecutive matching layers of one target share an A.
+        num_B: number of B experts in the bank shared by all layers of one target.
+        scaling: plain multiplier of the adapter output (not alpha / r).
+        target_modules: module names to adapt: a list (exact name or ``.``-suffix match) or a
+            regex string (full match); ``"all-linear"`` adapts every ``nn.Linear`` but the output
+            layer. ``None`` picks PEFT's default for the model type of a ``transformers`` model.
+        exclude_modules: names (list: exact or suffix match; str: regex) never adapted.
+        layers_to_transform / layers_pattern: restrict adaptation to these layer indices, as in PEFT.
+        modules_to_save: extra modules (e.g. a classifier head) trained and saved with the adapter.
+        init_weights: A and routers Kaiming-uniform, B zeros (adapter starts as a no-op); False
+            initialises B Kaiming-uniform too.
+        routing: ``"batch"`` (PEFT's math), ``"sequence"`` (per-sample, batch-invariant with the
+            attention mask), ``"token"`` or ``"static"`` (learned input-independent weights; mergeable).
+    """
+
+    r: int = 32
+    stride_A: int = 1
+    num_B: int = 2
+    scaling: float = 1.0
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    modules_to_save: Optional[list[str]] = None
+    init_weights: bool = True
+    routing: str = field(default="batch")
+
+    def __post_init__(self):
+        def positive_int(name, value, minimum):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"LilyConfig.{name}: expected an integer >= {minimum}, got {value!r}")
+
+        positive_int("r", self.r, 1)
+        positive_int("stride_A", self.stride_A, 1)
+        if isinstance(self.num_B, int) and not isinstance(self.num_B, bool) and self.num_B < 2:
+            raise ValueError(
+                f"LilyConfig.num_B: the router mixes B experts and needs num_B >= 2, got {self.num_B}"
+            )
+        positive_int("num_B", self.num_B, 2)
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+            raise ValueError(f"LilyConfig.scaling: expected a finite number, got {self.scaling!r}")
+        self.scaling = float(self.scaling)
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"LilyConfig.routing: expected one of {', '.join(map(repr, ROUTINGS))}, got {self.routing!r}")
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value) if isinstance(value, set) else list(value)
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, str):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"LilyConfig.{name}: expected a list of str, a regex str or None, got {value!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("LilyConfig.target_modules: the list is empty; name at least one module")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, (set, tuple)):
+                self.modules_to_save = list(self.modules_to_save)
+            if not isinstance(self.modules_to_save, list) or not all(isinstance(v, str) for v in self.modules_to_save):
+                raise ValueError(f"LilyConfig.modules_to_save: expected a list of str, got {self.modules_to_save!r}")
+        layers = self.layers_to_transform
+        if layers is not None:
+            if isinstance(layers, int) and not isinstance(layers, bool):
+                pass
+            elif not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ValueError(f"LilyConfig.layers_to_transform: expected an int or a list of int, got {layers!r}")
+        if self.layers_pattern is not None and layers is None:
+            raise ValueError("LilyConfig.layers_pattern: only meaningful together with layers_to_transform")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"LilyConfig.init_weights: expected a bool, got {self.init_weights!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LilyConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"LilyConfig: expected a dict of fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"LilyConfig: unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return cls(**data)

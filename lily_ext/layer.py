@@ -1,0 +1,151 @@
+"""Adapter layers: LilyLinear (a frozen nn.Linear plus Lily adapters) and ModulesToSave."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import routed_mix
+
+
+class RoutingContext:
+    """Per-call state the model hands to its Lily layers (the attention mask for sequence routing)."""
+
+    def __init__(self):
+        self.mask = None
+
+
+class LilyLinear(nn.Module):
+    """``base_layer(x) + scaling * routed_mix(A x, router, B bank)`` for the active adapter.
+
+    A (``lily_A``, ``nn.Linear(in, r)``) and the bank (``lily_B``, ``nn.Linear(out, num_B * r)``,
+    viewed ``[num_B, r, out]``) are shared with other layers (the same module objects); the router
+    (``lily_router``, ``nn.Linear(r, num_B)``) or, for static routing, the logits ``lily_theta``
+    ``[num_B]`` belong to this layer. Names and layouts follow PEFT's Lily.
+    """
+
+    def __init__(self, base_layer: nn.Linear, context: RoutingContext):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lily_A = nn.ModuleDict()
+        self.lily_B = nn.ModuleDict()
+        self.lily_router = nn.ModuleDict()
+        self.lily_theta = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.num_B: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.routing: dict[str, str] = {}
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._context = context
+
+    def adapter_dtype(self) -> torch.dtype:
+        # Like PEFT: adapters of a half-precision base model are kept in float32.
+        dtype = self.base_layer.weight.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def add_adapter(self, name: str, r: int, num_B: int, scaling: float, routing: str, init_weights: bool,
+                    lily_A: nn.Linear | None = None, lily_B: nn.Linear | None = None, dtype=None) -> None:
+        """Adds adapter ``name``; ``lily_A`` / ``lily_B`` are the shared modules (created when None)."""
+        factory = {"device": self.base_layer.weight.device, "dtype": dtype or self.adapter_dtype()}
+        self.r[name], self.num_B[name], self.scaling[name], self.routing[name] = r, num_B, scaling, routing
+        self.lily_A[name] = lily_A if lily_A is not None else nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lily_B[name] = lily_B if lily_B is not None else nn.Linear(self.out_features, num_B * r, bias=False, **factory)
+        if routing == "static":
+            self.lily_theta[name] = nn.Parameter(torch.empty(num_B, **factory))
+        else:
+            self.lily_router[name] = nn.Linear(r, num_B, bias=False, **factory)
+        self.reset_parameters(name, init_weights, own_A=lily_A is None, own_B=lily_B is None)
+
+    @torch.no_grad()
+    def reset_parameters(self, name: str, init_weights: bool, own_A: bool = True, own_B: bool = True) -> None:
+        if own_A:
+            nn.init.kaiming_uniform_(self.lily_A[name].weight, a=math.sqrt(5))
+        if own_B:
+            if init_weights:
+                nn.init.zeros_(self.lily_B[name].weight)
+            else:
+                nn.init.kaiming_uniform_(self.lily_B[name].weight, a=math.sqrt(5))
+        if name in self.lily_router:
+            nn.init.kaiming_uniform_(self.lily_router[name].weight, a=math.sqrt(5))
+        else:
+            # Distinct per-layer logits break the symmetry between experts that start equal (B = 0).
+            nn.init.uniform_(self.lily_theta[name], -1.0, 1.0)
+
+    def delete_adapter(self, name: str) -> None:
+        for table in (self.lily_A, self.lily_B, self.lily_router, self.lily_theta):
+            if name in table:
+                del table[name]
+        for table in (self.r, self.num_B, self.scaling, self.routing):
+            table.pop(name, None)
+        if name in self.merged_adapters:
+            self.merged_adapters.remove(name)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def bank(self, name: str) -> torch.Tensor:
+        return self.lily_B[name].weight.view(self.num_B[name], self.r[name], self.out_features)
+
+    def router(self, name: str) -> torch.Tensor:
+        return self.lily_theta[name] if self.routing[name] == "static" else self.lily_router[name].weight
+
+    def _sequence_mask(self, hidden: torch.Tensor):
+        mask = self._context.mask
+        if mask is None or tuple(mask.shape) == tuple(hidden.shape[:-1]):
+            return mask
+        if hidden.dim() == 3 and mask.dim() == 2 and mask.shape[0] == hidden.shape[0] and mask.shape[1] > hidden.shape[1]:
+            # decoding with a KV cache: the mask covers past tokens too; the current ones are last
+            return mask[:, -hidden.shape[1]:]
+        raise ValueError(
+            f"sequence routing: the attention_mask has shape {list(mask.shape)} but this layer's input "
+            f"is {list(hidden.shape[:-1])} tokens; pass a [batch, seq] mask that matches the input"
+        )
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        name = self.active_adapter
+        if self.disable_adapters or name is None or name not in self.lily_A or name in self.merged_adapters:
+            return result
+        A = self.lily_A[name].weight
+        hidden = F.linear(x.to(A.dtype), A)
+        routing = self.routing[name]
+        mask = self._sequence_mask(hidden) if routing == "sequence" else None
+        delta = routed_mix(hidden, self.router(name), self.bank(name), scaling=self.scaling[name], mode=routing, mask=mask)
+        return result + delta.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={self.r[n]}, num_B={self.num_B[n]}, routing={self.routing[n]}" for n in self.r)
+
+
+class ModulesToSave(nn.Module):
+    """Keeps the original module and one trainable copy per adapter (PEFT's ModulesToSaveWrapper)."""
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.modules_to_save[name].requires_grad_(True)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def forward(self, *args, **kwargs):
+        name = self.active_adapter
+        if self.disable_adapters or name is None or name not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[name](*args, **kwargs)

@@ -1,0 +1,257 @@
+"""Hugging Face PEFT interop: convert PEFT Lily models and adapters, write PEFT's format, and
+make PEFT's own Lily layers compute through lily_ext.ops (``patch_peft``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._atomic import atomic_directory
+from .checkpoint import AdapterLoadError, _assign, adapter_tensors
+from .config import LilyConfig
+from .layer import ModulesToSave
+from .model import LilyModel, _modules_to_save_paths, plan_adapter
+from .ops import routed_mix
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+_CONFIG_FIELDS = ("r", "stride_A", "num_B", "scaling", "target_modules", "exclude_modules",
+                  "layers_to_transform", "layers_pattern", "modules_to_save", "init_weights")
+
+
+def _config_from_peft(fields: dict, modules_to_save) -> LilyConfig:
+    peft_type = getattr(fields.get("peft_type"), "value", fields.get("peft_type"))  # enum in memory, str on disk
+    if str(peft_type).upper() != "LILY":
+        raise AdapterLoadError(f"{PEFT_CONFIG_NAME}: peft_type is {fields.get('peft_type')!r}, not 'LILY'")
+    values = {k: fields[k] for k in _CONFIG_FIELDS if k in fields and fields[k] is not None}
+    if isinstance(values.get("target_modules"), (set, tuple)):
+        values["target_modules"] = sorted(values["target_modules"])
+    values["modules_to_save"] = modules_to_save or None
+    try:
+        return LilyConfig(**values, routing="batch")
+    except (TypeError, ValueError) as e:
+        raise AdapterLoadError(f"{PEFT_CONFIG_NAME}: {e}") from None
+
+
+def _saved_modules_from_keys(base_model: nn.Module, keys) -> list[str]:
+    """Module paths of the non-Lily tensors in a PEFT state dict (modules_to_save)."""
+    modules = dict(base_model.named_modules())
+    paths = []
+    for key in keys:
+        if ".lily_" in key or not key.startswith(PREFIX):
+            continue
+        path = key[len(PREFIX):].rpartition(".")[0]
+        while path and path not in modules:
+            path = path.rpartition(".")[0]
+        if path and path not in paths:
+            paths.append(path)
+    return paths
+
+
+def _from_peft_state(base_model: nn.Module, fields: dict, state: dict, adapter_name: str, is_trainable: bool) -> LilyModel:
+    """Builds a LilyModel from PEFT's state-dict layout, after checking it fully."""
+    config = _config_from_peft(fields, _saved_modules_from_keys(base_model, state))
+    try:
+        groups = plan_adapter(base_model, config)
+        save_paths = _modules_to_save_paths(base_model, config)
+    except ValueError as e:
+        raise AdapterLoadError(f"the PEFT adapter does not fit this base model: {e}") from None
+
+    def take(key, shape):
+        if key not in state:
+            raise AdapterLoadError(f"PEFT adapter: missing tensor {key!r}")
+        if tuple(state[key].shape) != tuple(shape):
+            raise AdapterLoadError(f"PEFT adapter: tensor {key!r} has shape {list(state[key].shape)}, expected {list(shape)}")
+        return state[key]
+
+    E, r = config.num_B, config.r
+    tensors, used = {}, set()
+    for g, group in enumerate(groups):
+        out, inp = group.shape
+        for b, block in enumerate(group.a_blocks(config.stride_A)):
+            keys = [f"{PREFIX}{p}.lily_A.weight" for p in block]
+            tensors[f"group.{g}.A.{b}"] = take(keys[0], (r, inp))
+            used.update(keys)
+            for k in keys[1:]:
+                if not torch.equal(take(k, (r, inp)), tensors[f"group.{g}.A.{b}"]):
+                    raise AdapterLoadError(f"PEFT adapter: {k!r} differs from {keys[0]!r}, which it should share (stride_A={config.stride_A})")
+        keys = [f"{PREFIX}{p}.lily_B.weight" for p in group.layers]
+        tensors[f"group.{g}.B"] = take(keys[0], (E * r, out))
+        used.update(keys)
+        for k in keys[1:]:
+            if not torch.equal(take(k, (E * r, out)), tensors[f"group.{g}.B"]):
+                raise AdapterLoadError(f"PEFT adapter: {k!r} differs from {keys[0]!r}, which it should share")
+        for p in group.layers:
+            key = f"{PREFIX}{p}.lily_router.weight"
+            tensors[f"router.{p}"] = take(key, (E, r))
+            used.add(key)
+    for path in save_paths:
+        for name, value in base_model.get_submodule(path).state_dict().items():
+            key = f"{PREFIX}{path}.{name}"
+            tensors[f"save.{path}.{name}"] = take(key, value.shape).to(value.dtype)
+            used.add(key)
+    unexpected = sorted(set(state) - used)
+    if unexpected:
+        raise AdapterLoadError(f"PEFT adapter: unexpected tensor {unexpected[0]!r} (not a layer this config adapts)")
+    dtypes = {t.dtype for k, t in tensors.items() if not k.startswith("save.")}
+    model = LilyModel(base_model, config, adapter_name, dtype=dtypes.pop() if len(dtypes) == 1 else None,
+                      trainable=is_trainable)
+    _assign(model, adapter_name, tensors)
+    return model
+
+
+def load_peft_adapter(base_model: nn.Module, peft_dir, adapter_name: str = "default", is_trainable: bool = False) -> LilyModel:
+    """Loads a Lily adapter directory written by PEFT's ``save_pretrained`` onto ``base_model``."""
+    peft_dir = Path(peft_dir)
+    config_file = peft_dir / PEFT_CONFIG_NAME
+    if not config_file.is_file():
+        raise AdapterLoadError(f"{PEFT_CONFIG_NAME}: missing in {str(peft_dir)!r} (not a PEFT adapter directory)")
+    try:
+        fields = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterLoadError(f"{PEFT_CONFIG_NAME}: not valid JSON ({e})") from None
+    weights = next((peft_dir / n for n in PEFT_WEIGHTS_NAMES if (peft_dir / n).is_file()), None)
+    if weights is None:
+        raise AdapterLoadError(f"PEFT adapter: none of {', '.join(PEFT_WEIGHTS_NAMES)} in {str(peft_dir)!r}")
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors / pickle errors have no common base class
+        raise AdapterLoadError(f"{weights.name}: unreadable ({e})") from None
+    return _from_peft_state(base_model, fields, state, adapter_name, is_trainable)
+
+
+def _peft_tuner(peft_model):
+    from peft.tuners.lily import LilyModel as PeftLilyModel
+
+    tuner = getattr(peft_model, "base_model", None)
+    if isinstance(peft_model, PeftLilyModel):
+        tuner = peft_model
+    if not isinstance(tuner, PeftLilyModel):
+        raise TypeError(f"peft_model: expected a PEFT model with a Lily adapter, got {type(peft_model).__name__}")
+    return tuner
+
+
+def from_peft(peft_model, adapter_name: str | None = None) -> LilyModel:
+    """Converts an in-memory PEFT Lily model into a LilyModel.
+
+    The PEFT model is left untouched; the new model shares its (frozen) base weights and gets
+    copies of the adapter weights.
+    """
+    from peft.tuners.lily.layer import LilyLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    tuner = _peft_tuner(peft_model)
+    name = adapter_name or (tuner.active_adapters[0] if tuner.active_adapters else "default")
+    if name not in tuner.peft_config:
+        raise ValueError(f"adapter_name: the PEFT model has no adapter {name!r} (has {', '.join(tuner.peft_config)})")
+    # The module tree is copied; parameters and buffers are shared, not duplicated.
+    memo = {id(t): t for t in (*tuner.model.parameters(), *tuner.model.buffers())}
+    base = copy.deepcopy(tuner.model, memo)
+    state = {}
+    for path, module in list(base.named_modules()):
+        if isinstance(module, LilyLayer) and name in module.lily_A:
+            for part in ("lily_A", "lily_B", "lily_router"):
+                state[f"{PREFIX}{path}.{part}.weight"] = getattr(module, part)[name].weight.detach().clone()
+        elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
+            for key, value in module.modules_to_save[name].state_dict().items():
+                state[f"{PREFIX}{path}.{key}"] = value.detach().clone()
+    for path, module in list(base.named_modules()):
+        if isinstance(module, LilyLayer):
+            _replace(base, path, module.get_base_layer())
+        elif isinstance(module, ModulesToSaveWrapper):
+            _replace(base, path, module.original_module)
+    fields = tuner.peft_config[name].to_dict()
+    return _from_peft_state(base, fields, state, "default" if adapter_name is None else name, is_trainable=True)
+
+
+def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def save_peft_adapter(model: LilyModel, path, adapter_name: str | None = None) -> None:
+    """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT's ``save_pretrained`` does."""
+    from peft import LilyConfig as PeftLilyConfig
+    from safetensors.torch import save_file
+
+    name = adapter_name or model.active_adapter
+    if name not in model.configs:
+        raise ValueError(f"adapter_name: no adapter {name!r} (have: {', '.join(model.configs) or 'none'})")
+    config = model.configs[name]
+    if config.routing != "batch":
+        raise ValueError(
+            f"save_peft_adapter: PEFT's Lily has batch routing only; this adapter uses routing={config.routing!r} "
+            "(save it with save_adapter instead)"
+        )
+    ours = adapter_tensors(model, name)
+    state = {}
+    for g, group in enumerate(model.groups[name]):
+        for b, block in enumerate(group.a_blocks(config.stride_A)):
+            for p in block:  # PEFT stores every layer's copy of the shared tensors
+                state[f"{PREFIX}{p}.lily_A.weight"] = ours[f"group.{g}.A.{b}"]
+        for p in group.layers:
+            state[f"{PREFIX}{p}.lily_B.weight"] = ours[f"group.{g}.B"]
+            state[f"{PREFIX}{p}.lily_router.weight"] = ours[f"router.{p}"]
+    for key, value in ours.items():
+        if key.startswith("save."):
+            state[PREFIX + key[len("save."):]] = value
+    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    fields = {k: getattr(config, k) for k in _CONFIG_FIELDS}
+    peft_config = PeftLilyConfig(**fields)
+    peft_config.base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
+    with atomic_directory(path) as tmp:
+        peft_config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / PEFT_WEIGHTS_NAMES[0]), metadata={"format": "pt"})
+
+
+# ---- running PEFT's own Lily layers on lily_ext.ops ---------------------------------------------
+
+_original_forward = None
+
+
+def _peft_lily_forward(self, x, *args, **kwargs):
+    """PEFT's Lily Linear.forward with the mixing done by lily_ext.ops.routed_mix (same math)."""
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or not self.active_adapters:
+        return result
+    result_dtype = result.dtype
+    for name in self.active_adapters:
+        if name not in self.lily_A.keys():
+            continue
+        lily_A = self.lily_A[name]
+        weight_B = self.lily_B[name].weight
+        bank = weight_B.view(self.num_B[name], -1, weight_B.shape[1])
+        x = self._cast_input_dtype(x, lily_A.weight.dtype)
+        delta = routed_mix(lily_A(x), self.lily_router[name].weight, bank, scaling=self.scaling[name], mode="batch")
+        result = result + delta.to(result_dtype)
+    return result
+
+
+def patch_peft() -> None:
+    """Makes PEFT's Lily layers compute through lily_ext.ops (idempotent; undo with unpatch_peft)."""
+    global _original_forward
+    from peft.tuners.lily import layer
+
+    if _original_forward is None:
+        _original_forward = layer.Linear.forward
+        layer.Linear.forward = _peft_lily_forward
+
+
+def unpatch_peft() -> None:
+    """Restores PEFT's own Lily forward."""
+    global _original_forward
+    from peft.tuners.lily import layer
+
+    if _original_forward is not None:
+        layer.Linear.forward = _original_forward
+        _original_forward = None
