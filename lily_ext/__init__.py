@@ -6,10 +6,14 @@ _library.load()
 
 from . import ops  # noqa: E402  (registers the fake kernels of torch.ops.lily)
 from ._build import build_info  # noqa: E402
+from .calibration import freeze_router  # noqa: E402
 from .checkpoint import AdapterLoadError, load_adapter  # noqa: E402
 from .config import LilyConfig  # noqa: E402
 from .model import LilyModel, get_lily_model  # noqa: E402
+from .export import export_onnx, register_torchscript_symbolic  # noqa: E402
 from .peft_interop import from_peft, load_peft_adapter, patch_peft, unpatch_peft  # noqa: E402
+
+register_torchscript_symbolic()
 
 __version__ = "0.1.0"
 
@@ -18,6 +22,8 @@ __all__ = [
     "LilyConfig",
     "LilyModel",
     "build_info",
+    "export_onnx",
+    "freeze_router",
     "from_peft",
     "get_lily_model",
     "load_adapter",

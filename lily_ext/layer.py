@@ -96,6 +96,44 @@ class LilyLinear(nn.Module):
     def router(self, name: str) -> torch.Tensor:
         return self.lily_theta[name] if self.routing[name] == "static" else self.lily_router[name].weight
 
+    # ---- static routing: merging into the base weight ----------------------------------------
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling * Bc^T A`` ([out, in]) for a static adapter, ``Bc = sum_e softmax(theta)_e Bk_e``."""
+        if self.routing[name] != "static":
+            raise ValueError(
+                f"adapter {name!r} uses {self.routing[name]!r} routing, which depends on the input and cannot be "
+                "merged; freeze it to static weights first with lily_ext.freeze_router(model, calibration_batches)"
+            )
+        A = self.lily_A[name].weight.double()
+        weights = torch.softmax(self.lily_theta[name].double(), dim=0)
+        combined = torch.einsum("e,eio->io", weights, self.bank(name).double())
+        return self.scaling[name] * combined.T @ A
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is already merged into {self.base_layer!r}; unmerge it first")
+        weight = self.base_layer.weight
+        weight.copy_((weight.double() + self.delta_weight(name)).to(weight.dtype))
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.copy_((weight.double() - self.delta_weight(name)).to(weight.dtype))
+
+    @torch.no_grad()
+    def set_static_weights(self, name: str, weights: torch.Tensor) -> None:
+        """Replaces the router of adapter ``name`` by fixed mixing weights (static routing)."""
+        router = self.lily_router[name].weight
+        theta = torch.log(weights.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny))
+        self.lily_theta[name] = nn.Parameter(theta.to(router.dtype), requires_grad=router.requires_grad)
+        del self.lily_router[name]
+        self.routing[name] = "static"
+
     def _sequence_mask(self, hidden: torch.Tensor):
         mask = self._context.mask
         if mask is None or tuple(mask.shape) == tuple(hidden.shape[:-1]):

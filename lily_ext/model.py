@@ -330,6 +330,41 @@ class LilyModel(nn.Module):
         self.trainable.clear()
         return base
 
+    # ---- merging (static routing) --------------------------------------------------------------
+
+    def merge_adapter(self, adapter_name: str | None = None) -> None:
+        """Folds a static adapter into the base weights: ``W' = W + scaling * Bc^T A``."""
+        name = adapter_name or self.active_adapter
+        if name not in self.configs:
+            raise ValueError(f"adapter_name: no adapter {name!r} (have: {', '.join(self.configs) or 'none'})")
+        layers = [m for _, m in self.lily_layers() if name in m.lily_A]
+        for layer in layers:  # check every layer before changing any
+            layer.delta_weight(name)
+            if name in layer.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged; call unmerge_adapter() first")
+        for layer in layers:
+            layer.merge(name)
+
+    def unmerge_adapter(self) -> None:
+        """Takes every merged adapter back out of the base weights."""
+        layers = [m for _, m in self.lily_layers() if m.merged_adapters]
+        if not layers:
+            raise ValueError("unmerge_adapter: no adapter is merged")
+        for layer in layers:
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merges the active (static) adapter and returns the plain base model.
+
+        Modules listed in ``modules_to_save`` keep their trained copy.
+        """
+        if not any(self.active_adapter in m.merged_adapters for _, m in self.lily_layers()):
+            self.merge_adapter(self.active_adapter)
+        for path, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSave) and module.active_adapter in module.modules_to_save:
+                _set_module(self.model, path, module.modules_to_save[module.active_adapter])
+        return self.unload()
+
     # ---- reporting -----------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -112,3 +112,28 @@ def _routed_mix_backward_fake(grad, hidden, router, bank, scaling, mode, mask=No
 
 
 # Autograd is registered in C++ (csrc/torch/routed_mix_autograd.cpp): no Python on the call path.
+
+
+def routed_mix_decomposed(hidden, router, bank, *, scaling=1.0, mode="batch", mask=None):
+    """The same math in plain PyTorch ops: what ``export_onnx(form="decomposed")`` traces, so the
+    exported graph holds standard ONNX ops only. Not a kernel: slower, and it forms ``[N, E * r]``
+    in token mode."""
+    E, r, out = bank.shape
+    flat = bank.reshape(E, r * out)
+    if mode == "static":
+        return (hidden @ (torch.softmax(router, dim=-1) @ flat).reshape(r, out)) * scaling
+    probs = torch.softmax(hidden @ router.transpose(0, 1), dim=-1)
+    if mode == "batch":
+        return (hidden @ (probs.reshape(-1, E).mean(dim=0) @ flat).reshape(r, out)) * scaling
+    if mode == "sequence" and hidden.dim() >= 3:
+        if mask is None:
+            weights = probs.mean(dim=-2)
+        else:
+            valid = (mask != 0).to(probs.dtype).unsqueeze(-1)
+            weights = (probs * valid).sum(dim=-2) / valid.sum(dim=-2).clamp_min(1.0)
+        combined = (weights @ flat).reshape(*weights.shape[:-1], r, out)
+        return (hidden @ combined) * scaling
+    if mask is not None:  # sequence samples of one token each
+        probs = probs * (mask != 0).to(probs.dtype).unsqueeze(-1)
+    z = (probs.unsqueeze(-1) * hidden.unsqueeze(-2)).reshape(*hidden.shape[:-1], E * r)
+    return (z @ bank.reshape(E * r, out)) * scaling

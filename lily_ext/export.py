@@ -1,0 +1,172 @@
+"""ONNX export in three forms: ``custom`` (lily.RoutedMix nodes), ``decomposed`` (standard ops only)
+and ``merged`` (static routing folded into the base weights: a plain model)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import layer as _layer
+from .model import LilyModel
+from .ops import routed_mix_decomposed
+
+FORMS = ("custom", "decomposed", "merged")
+DOMAIN = "lily"
+DOMAIN_VERSION = 1
+
+_schema_registered = False
+
+
+def register_onnx_schema() -> None:
+    """Declares ``lily.RoutedMix`` (version 1) to the onnx package, for onnxscript and onnx.checker."""
+    global _schema_registered
+    if _schema_registered:
+        return
+    import onnx
+    from onnx.defs import OpSchema
+
+    if not onnx.defs.has(  # another copy of lily_ext in this process may have registered it
+        "RoutedMix", DOMAIN
+    ):
+        P = OpSchema.FormalParameter
+        schema = OpSchema(
+            "RoutedMix", DOMAIN, DOMAIN_VERSION,
+            "Lily routed B-bank mixing: scaling * hidden @ sum_e w_e bank[e], w chosen by `mode` (see lily_ext).",
+            inputs=[
+                P("hidden", "T", "[..., r]"),
+                P("router", "T", "[E, r], or theta [E] for mode static"),
+                P("bank", "T", "[E, r, out]"),
+                P("mask", "M", "sequence mode: hidden.shape[:-1], nonzero = token counts", param_option=OpSchema.FormalParameterOption.Optional),
+            ],
+            outputs=[P("delta", "T", "[..., out]")],
+            type_constraints=[
+                ("T", ["tensor(float)", "tensor(float16)"], "float tensors"),
+                ("M", ["tensor(bool)", "tensor(int32)", "tensor(int64)", "tensor(float)", "tensor(float16)"], "mask"),
+            ],
+            attributes=[
+                OpSchema.Attribute("scaling", onnx.helper.make_attribute("scaling", 1.0), "multiplier of the delta"),
+                OpSchema.Attribute("mode", onnx.helper.make_attribute("mode", "batch"), "batch | sequence | token | static"),
+            ],
+        )
+        onnx.defs.register_schema(schema)
+    _schema_registered = True
+
+
+def _routed_mix_translation(hidden, router, bank, scaling: float = 1.0, mode: str = "batch", mask=None):
+    """onnxscript translation of torch.ops.lily.routed_mix: one lily.RoutedMix node."""
+    import onnxscript
+
+    lily = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+    if mask is None:
+        return lily.RoutedMix(hidden, router, bank, scaling=float(scaling), mode=mode)
+    return lily.RoutedMix(hidden, router, bank, mask, scaling=float(scaling), mode=mode)
+
+
+def _routed_mix_symbolic(g, hidden, router, bank, scaling, mode, mask):
+    """TorchScript-exporter (dynamo=False) symbolic: one lily.RoutedMix node."""
+    from torch.onnx import symbolic_helper
+
+    inputs = [hidden, router, bank]
+    if not symbolic_helper._is_none(mask):
+        inputs.append(mask)
+    return g.op(
+        f"{DOMAIN}::RoutedMix", *inputs,
+        scaling_f=symbolic_helper._parse_arg(scaling, "f"), mode_s=symbolic_helper._parse_arg(mode, "s"),
+    )
+
+
+def register_torchscript_symbolic() -> None:
+    """Lets ``torch.onnx.export(..., dynamo=False)`` write lily.RoutedMix nodes."""
+    if hasattr(torch.onnx, "register_custom_op_symbolic"):
+        torch.onnx.register_custom_op_symbolic("lily::routed_mix", _routed_mix_symbolic, 9)
+
+
+@contextlib.contextmanager
+def _decomposed_layers():
+    """Lily layers compute with plain PyTorch ops while the block runs (export tracing)."""
+    original = _layer.routed_mix
+    _layer.routed_mix = routed_mix_decomposed
+    try:
+        yield
+    finally:
+        _layer.routed_mix = original
+
+
+def _exportable(model: nn.Module, form: str) -> nn.Module:
+    if form == "merged":
+        if not isinstance(model, LilyModel):
+            raise TypeError(f"model: form 'merged' needs a lily_ext.LilyModel, got {type(model).__name__}")
+        routing = model.configs[model.active_adapter].routing
+        if routing != "static":
+            raise ValueError(
+                f"form 'merged': the active adapter uses {routing!r} routing, which depends on the input; "
+                "freeze it to static weights first with lily_ext.freeze_router(model, calibration_batches)"
+            )
+        return copy.deepcopy(model).merge_and_unload().eval()
+    # Export the wrapped model itself: its forward has the named arguments dynamic_shapes refers to.
+    return model.model if isinstance(model, LilyModel) else model
+
+
+def export_onnx(model: nn.Module, args=(), path=None, *, form: str = "custom", dynamic_shapes=None, opset=None,
+                kwargs=None, dynamo: bool = True):
+    """Exports ``model`` (a LilyModel or a module containing Lily layers) to ONNX and returns the ModelProto.
+
+    Args:
+        args / kwargs: example inputs, as for ``torch.onnx.export``.
+        path: where to write the .onnx file (optional).
+        form: ``"custom"`` (one ``lily.RoutedMix`` node per adapted layer; run it with
+            ``lily_ext.ort_session``), ``"decomposed"`` (standard ONNX ops only) or ``"merged"``
+            (static routing folded into the base weights; the graph of the base model).
+        dynamic_shapes: as for ``torch.export`` (e.g. ``{"input_ids": {0: "batch", 1: "seq"}}``).
+        opset: ONNX opset version (default: the exporter's).
+        dynamo: False uses the TorchScript-based exporter (``custom`` and ``merged`` forms).
+    """
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {', '.join(map(repr, FORMS))}, got {form!r}")
+    if not isinstance(args, tuple):
+        args = (args,)
+    register_onnx_schema()
+    target = _exportable(model, form)
+    was_training = target.training
+    target.eval()
+    try:
+        with (_decomposed_layers() if form == "decomposed" else contextlib.nullcontext()), torch.no_grad():
+            if dynamo:
+                program = torch.onnx.export(
+                    target, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                    custom_translation_table={torch.ops.lily.routed_mix.default: _routed_mix_translation},
+                    external_data=False, verbose=False,
+                )
+                proto = program.model_proto
+            else:
+                if form == "decomposed":
+                    raise ValueError("form 'decomposed': use the default dynamo=True exporter")
+                import io
+
+                buffer = io.BytesIO()
+                torch.onnx.export(target, args, buffer, kwargs=kwargs, dynamo=False, opset_version=opset or 17,
+                                  custom_opsets={DOMAIN: DOMAIN_VERSION}, input_names=None)
+                import onnx
+
+                proto = onnx.load_from_string(buffer.getvalue())
+    finally:
+        target.train(was_training)
+    if form == "custom" and not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.add(domain=DOMAIN, version=DOMAIN_VERSION)
+    if path is not None:
+        import onnx
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            onnx.save(proto, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return proto
