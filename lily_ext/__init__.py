@@ -15,12 +15,21 @@ from .peft_interop import from_peft, load_peft_adapter, patch_peft, unpatch_peft
 
 register_torchscript_symbolic()
 
+
+def __getattr__(name):
+    if name == "LilyTrainer":  # imports transformers.Trainer: only on demand
+        from .hf import LilyTrainer
+
+        return LilyTrainer
+    raise AttributeError(f"module 'lily_ext' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterLoadError",
     "LilyConfig",
     "LilyModel",
+    "LilyTrainer",
     "build_info",
     "export_onnx",
     "freeze_router",

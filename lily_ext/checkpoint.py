@@ -81,6 +81,12 @@ def _base_model_info(model: nn.Module) -> dict:
 
 
 def save_adapter(model: LilyModel, path, adapter_name: str | None = None) -> None:
+    with atomic_directory(path) as tmp:
+        write_adapter_files(model, tmp, adapter_name)
+
+
+def write_adapter_files(model: LilyModel, directory: Path, adapter_name: str | None = None) -> None:
+    """Writes lily_config.json and adapter.safetensors into an existing (fresh) directory."""
     from safetensors.torch import save_file
 
     adapter_name = adapter_name or model.active_adapter
@@ -88,20 +94,19 @@ def save_adapter(model: LilyModel, path, adapter_name: str | None = None) -> Non
         raise ValueError(f"adapter_name: no adapter {adapter_name!r} (have: {', '.join(model.configs) or 'none'})")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_tensors(model, adapter_name).items()}
     dtypes = {str(t.dtype).replace("torch.", "") for k, t in tensors.items() if not k.startswith("save.")}
-    with atomic_directory(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-        record = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "adapter_name": adapter_name,
-            "config": model.configs[adapter_name].to_dict(),
-            "dtype": dtypes.pop() if len(dtypes) == 1 else None,
-            "groups": [g.to_dict() for g in model.groups[adapter_name]],
-            "modules_to_save": _saved_module_paths(model, adapter_name),
-            "base_model": _base_model_info(model.model),
-            "weights_sha256": _sha256(tmp / WEIGHTS_NAME),
-        }
-        (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapter_name": adapter_name,
+        "config": model.configs[adapter_name].to_dict(),
+        "dtype": dtypes.pop() if len(dtypes) == 1 else None,
+        "groups": [g.to_dict() for g in model.groups[adapter_name]],
+        "modules_to_save": _saved_module_paths(model, adapter_name),
+        "base_model": _base_model_info(model.model),
+        "weights_sha256": _sha256(directory / WEIGHTS_NAME),
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _read_record(path: Path) -> dict:
@@ -232,6 +237,15 @@ def load_adapter(base_model: nn.Module, path, adapter_name: str = "default", is_
     model = LilyModel(base_model, config, adapter_name, dtype=_adapter_dtype(tensors), trainable=is_trainable)
     _assign(model, adapter_name, tensors)
     return model
+
+
+def load_weights_into(model: LilyModel, path, adapter_name: str | None = None) -> None:
+    """Overwrites the weights of an existing adapter with those saved at ``path`` (same config)."""
+    adapter_name = adapter_name or model.active_adapter
+    config, _, tensors = read_adapter(model.model, path)
+    if config != model.configs[adapter_name]:
+        raise AdapterLoadError(f"the adapter at {str(path)!r} has config {config}, adapter {adapter_name!r} has {model.configs[adapter_name]}")
+    _assign(model, adapter_name, tensors)
 
 
 def load_into(model: LilyModel, path, adapter_name: str, is_trainable: bool = False) -> None:

@@ -97,6 +97,24 @@ def _decomposed_layers():
         _layer.routed_mix = original
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Hides the exporter's notes that concern other libraries (torchvision ops, deprecations)."""
+    import logging
+    import warnings
+
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def _exportable(model: nn.Module, form: str) -> nn.Module:
     if form == "merged":
         if not isinstance(model, LilyModel):
@@ -135,7 +153,7 @@ def export_onnx(model: nn.Module, args=(), path=None, *, form: str = "custom", d
     was_training = target.training
     target.eval()
     try:
-        with (_decomposed_layers() if form == "decomposed" else contextlib.nullcontext()), torch.no_grad():
+        with (_decomposed_layers() if form == "decomposed" else contextlib.nullcontext()), torch.no_grad(), _quiet_exporter():
             if dynamo:
                 program = torch.onnx.export(
                     target, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,

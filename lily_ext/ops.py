@@ -113,6 +113,25 @@ def _routed_mix_backward_fake(grad, hidden, router, bank, scaling, mode, mask=No
 
 # Autograd is registered in C++ (csrc/torch/routed_mix_autograd.cpp): no Python on the call path.
 
+_autocast_lib = torch.library.Library("lily", "IMPL")
+
+
+def _register_autocast(device_type: str) -> None:
+    """Under torch.autocast the op runs in the autocast dtype (accumulating in float32, as always)."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(hidden, router, bank, scaling, mode, mask=None):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return torch.ops.lily.routed_mix.default(hidden.to(dtype), router.to(dtype), bank.to(dtype), scaling, mode, mask)
+
+    _autocast_lib.impl("routed_mix", kernel, key)
+
+
+for _device in ("cpu", "cuda"):
+    _register_autocast(_device)
+
 
 def routed_mix_decomposed(hidden, router, bank, *, scaling=1.0, mode="batch", mask=None):
     """The same math in plain PyTorch ops: what ``export_onnx(form="decomposed")`` traces, so the

