@@ -150,11 +150,17 @@ def _apt_download(workdir, extra_sources=None):
         if os.geteuid() == 0:
             cmd += ["-o", "APT::Sandbox::User=root"]  # the private dirs are not _apt's
         code, out = _run(cmd + ["update"], cwd=workdir)
-        steps.append(f"$ apt-get update (private state) -> {code}\n{out[-2000:]}")
+        steps.append(f"`apt-get update` (private state) exit {code}: {_last_lines(out)}")
     code, out = _run(cmd + ["download", DEB_PACKAGE], cwd=workdir)
-    steps.append(f"$ apt-get download {DEB_PACKAGE} -> {code}\n{out[-2000:]}")
+    steps.append(f"`apt-get download {DEB_PACKAGE}`{' (private state)' if extra_sources is not None else ''} "
+                 f"exit {code}: {_last_lines(out)}")
     debs = glob.glob(os.path.join(workdir, f"{DEB_PACKAGE}_*.deb"))
-    return (debs[0] if code == 0 and debs else None), "\n".join(steps)
+    return (debs[0] if code == 0 and debs else None), "; ".join(steps)
+
+
+def _last_lines(text, count=2):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " / ".join(lines[-count:]) or "no output"
 
 
 def _unpack_to_cache(deb):
@@ -176,10 +182,17 @@ def _unpack_to_cache(deb):
             shutil.copy(doc, staging)  # the headers' licence travels with them
         with open(os.path.join(staging, "SOURCE"), "w", encoding="utf-8") as f:
             f.write(f"Debian package {os.path.basename(deb)}, unpacked with dpkg -x\n")
-    if os.path.isdir(target):
-        shutil.rmtree(target)
-    os.replace(staging, target)
-    return os.path.join(target, "include")
+    include = os.path.join(target, "include")
+    if not has_header(include):
+        if os.path.isdir(target):
+            shutil.rmtree(target)  # an incomplete earlier copy
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not has_header(include):  # else a concurrent build got there first
+                raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return include
 
 
 def _newer_debian_sources():
@@ -219,7 +232,7 @@ def fetch_debian_headers():
                 f"Debian {os.path.basename(deb)} (apt-get download with a private apt state: the machine's "
                 f"sources{where})"
             )
-    return None, f"apt could not download {DEB_PACKAGE}:\n" + "\n".join(attempts)
+    return None, f"apt could not download {DEB_PACKAGE}: " + "; ".join(attempts)
 
 
 def find_headers(fetch=None):
