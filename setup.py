@@ -6,9 +6,13 @@ Environment:
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default: the visible GPU's, else 9.0)
   CUDA_HOME               CUDA toolkit (default: resolved from the real nvcc on PATH)
   MAX_JOBS                parallel compile jobs (ninja)
+  LILY_EXT_ORT=0|1        skip / require the ONNX Runtime custom-op library (default: built when
+                          ORT C API headers are found or fetched, see lily_ext/_ort_build.py)
+  ONNXRUNTIME_INCLUDE_DIR directory holding onnxruntime_c_api.h
 """
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -90,7 +94,8 @@ def build_extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     print(f"lily_ext: CUDA kernels {'on' if use_cuda else 'off'} ({reason})")
-    sources = sorted(glob.glob("csrc/lily/*.cpp")) + sorted(glob.glob("csrc/torch/*.cpp"))
+    # The torch build takes its GEMMs from ATen, so the portable cpu_gemm.cpp (for ORT) stays out.
+    sources = ["csrc/lily/cpu_primitives.cpp"] + sorted(glob.glob("csrc/torch/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     macros = []
     extension = CppExtension
@@ -113,5 +118,28 @@ def build_extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def with_ort_library(build_ext_class):
+    """build_ext that afterwards builds the ONNX Runtime custom-op library (CMakeLists.txt,
+    liblily_ort.so) into the package, or records why it could not; see lily_ext/_ort_build.py
+    (LILY_EXT_ORT, ONNXRUNTIME_INCLUDE_DIR, LILY_EXT_ORT_FETCH)."""
+    spec = importlib.util.spec_from_file_location("_lily_ort_build", os.path.join(ROOT, "lily_ext", "_ort_build.py"))
+    ort_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ort_build)  # by path: the package itself cannot be imported before it is built
+
+    class BuildExtWithOrt(build_ext_class):
+        def run(self):
+            super().run()
+            if self.inplace:
+                package_dirs = [os.path.join(ROOT, "lily_ext")]
+            else:  # editable installs also read the package from the source tree
+                package_dirs = [os.path.join(self.build_lib, "lily_ext")]
+                if getattr(self, "editable_mode", False):
+                    package_dirs.append(os.path.join(ROOT, "lily_ext"))
+            ort_build.build(ROOT, os.path.join(os.path.abspath(self.build_temp), "ort"), package_dirs)
+
+    return BuildExtWithOrt
+
+
 ext_modules, cmdclass = build_extensions()
+cmdclass["build_ext"] = with_ort_library(cmdclass["build_ext"])
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

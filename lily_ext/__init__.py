@@ -10,6 +10,7 @@ from .calibration import freeze_router  # noqa: E402
 from .checkpoint import AdapterLoadError, load_adapter  # noqa: E402
 from .config import LilyConfig  # noqa: E402
 from .model import LilyModel, get_lily_model  # noqa: E402
+from .ort import ort_library_path, ort_session  # noqa: E402  (ONNX Runtime custom-op library)
 from .export import export_onnx, register_torchscript_symbolic  # noqa: E402
 from .peft_interop import from_peft, load_peft_adapter, patch_peft, unpatch_peft  # noqa: E402
 
@@ -22,6 +23,7 @@ def __getattr__(name):
 
         return LilyTrainer
     raise AttributeError(f"module 'lily_ext' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,8 @@ __all__ = [
     "load_adapter",
     "load_peft_adapter",
     "ops",
+    "ort_library_path",
+    "ort_session",
     "patch_peft",
     "unpatch_peft",
     "__version__",

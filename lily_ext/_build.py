@@ -5,10 +5,12 @@ import platform
 import torch
 
 from . import _library
+from .ort import library_status as _ort_library_status
 
 
 def build_info() -> dict:
     """Torch version, compiled CUDA kernels and archs, compiler versions, library paths."""
+    ort_library, ort_reason = _ort_library_status()
     fields = dict(item.split("=", 1) for item in torch.ops.lily.build_info().split(";"))
     cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("lily::routed_mix", "CUDA")
     return {
@@ -21,5 +23,6 @@ def build_info() -> dict:
         "cuda_archs": [a for a in fields.get("cuda_archs", "").split(",") if a] if cuda_kernels else [],
         "nvcc": fields.get("cuda_version") or None,
         "cuda_available": torch.cuda.is_available(),
-        "onnxruntime_library": None,
+        "onnxruntime_library": ort_library,  # liblily_ort.so, or None and the reason:
+        "onnxruntime_library_reason": ort_reason,
     }

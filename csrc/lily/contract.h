@@ -18,6 +18,11 @@ inline bool parse_mode(const std::string& name, Mode* mode) {
   return false;
 }
 
+// The contract's message for a mode name that parse_mode rejects.
+inline std::string bad_mode_message(const std::string& name) {
+  return "mode: expected one of 'batch', 'sequence', 'token', 'static', got '" + name + "'";
+}
+
 inline const char* mode_name(Mode mode) {
   switch (mode) {
     case Mode::kBatch: return "batch";
@@ -60,8 +65,7 @@ inline std::string check_shapes(const std::string& mode_str, const std::vector<i
                                 const std::vector<int64_t>& router, const std::vector<int64_t>& bank,
                                 const std::vector<int64_t>* mask, MixShape* shape) {
   MixShape s;
-  if (!parse_mode(mode_str, &s.mode))
-    return "mode: expected one of 'batch', 'sequence', 'token', 'static', got '" + mode_str + "'";
+  if (!parse_mode(mode_str, &s.mode)) return bad_mode_message(mode_str);
   if (bank.size() != 3)
     return "bank: expected a 3-D tensor [E, r, out], got shape " + dims_str(bank);
   s.experts = bank[0];

@@ -1,0 +1,335 @@
+"""Finds ONNX Runtime C API headers and builds liblily_ort.so with CMake; used by setup.py.
+
+Self-contained (standard library only, imports neither torch nor lily_ext), so setup.py loads it
+by path before anything is built. ``python lily_ext/_ort_build.py`` prints where the headers are.
+
+ONNX Runtime's Python wheels ship no C headers. They are looked for, in order:
+
+1. ``$ONNXRUNTIME_INCLUDE_DIR`` (the directory holding ``onnxruntime_c_api.h``);
+2. a system install: ``/usr/include/onnxruntime``, ``/usr/local/include/onnxruntime``, ...;
+3. the cache ``~/.cache/lily_ext/onnxruntime-headers/<version>/include`` (``$XDG_CACHE_HOME``
+   is honoured), filled by step 4 of an earlier build;
+4. Debian's ``libonnxruntime-dev`` package, fetched with the machine's own apt client and unpacked
+   with ``dpkg -x`` into the cache (never installed): first from the suites apt is configured
+   with, then, on an older Debian release that lacks the package (bookworm), from the release
+   that has it (trixie: ONNX Runtime 1.21) on the same mirrors apt is configured with. That
+   lookup uses a private apt state in a temporary directory: nothing under /etc/apt or
+   /var/lib/apt changes. The C API is backward compatible: 1.21 headers serve newer runtimes.
+
+When none works the package is built without the ORT library, and
+``lily_ext.build_info()["onnxruntime_library_reason"]`` says why.
+
+Environment: ``LILY_EXT_ORT=0`` skips the library, ``LILY_EXT_ORT=1`` makes its absence a build
+error; ``LILY_EXT_ORT_FETCH=0`` skips the network step (4).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+LIBRARY_NAME = "liblily_ort.so"
+RECORD_NAME = "_ort_build.json"  # what the build did, read by lily_ext.build_info()
+HEADER = "onnxruntime_c_api.h"
+DEB_PACKAGE = "libonnxruntime-dev"
+# Debian releases in order; the first that ships libonnxruntime-dev is trixie.
+DEBIAN_RELEASES = ["buster", "bullseye", "bookworm", "trixie"]
+FIRST_DEBIAN_WITH_ORT = "trixie"
+SYSTEM_DIRS = ["/usr/include/onnxruntime", "/usr/local/include/onnxruntime", "/usr/include", "/usr/local/include"]
+
+
+class Headers:
+    """Where the headers are (``include_dir``, ``source``), or why none were found (``reason``)."""
+
+    def __init__(self, include_dir=None, source=None, reason=None):
+        self.include_dir, self.source, self.reason = include_dir, source, reason
+
+    def __repr__(self):
+        return f"Headers(include_dir={self.include_dir!r}, source={self.source!r}, reason={self.reason!r})"
+
+
+def log(message):
+    print(f"lily_ext: {message}", flush=True)
+
+
+def has_header(directory):
+    return bool(directory) and os.path.isfile(os.path.join(directory, HEADER))
+
+
+def api_version(include_dir):
+    """ORT_API_VERSION of a header set (21 for ONNX Runtime 1.21), or None."""
+    try:
+        with open(os.path.join(include_dir, HEADER), encoding="utf-8", errors="replace") as f:
+            match = re.search(r"^#define ORT_API_VERSION (\d+)", f.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def cache_root():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lily_ext", "onnxruntime-headers")
+
+
+def _version_key(name):
+    return [int(p) if p.isdigit() else 0 for p in re.split(r"[.+~-]", name)]
+
+
+def cached_headers():
+    """Newest header set in the cache, or None."""
+    found = [d for d in glob.glob(os.path.join(cache_root(), "*", "include")) if has_header(d)]
+    found.sort(key=lambda d: _version_key(os.path.basename(os.path.dirname(d))))
+    return found[-1] if found else None
+
+
+def _run(cmd, cwd=None, timeout=300):
+    """(returncode, combined output); a missing program or a timeout is a failure, not an exception."""
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return 1, str(exc)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _os_release():
+    fields = {}
+    try:
+        with open("/etc/os-release", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                fields[key] = value.strip('"')
+    except OSError:
+        pass
+    return fields
+
+
+def _configured_debian_mirrors(codename):
+    """Archive URIs apt is configured with for the Debian release `codename` (not -security, -updates)."""
+    code, out = _run(["apt-get", "indextargets", "--format", "$(REPO_URI) $(RELEASE) $(TARGET_OF)"], timeout=60)
+    if code != 0:
+        return []
+    mirrors = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == codename and parts[2] == "deb" and parts[0] not in mirrors:
+            mirrors.append(parts[0])
+    return mirrors
+
+
+def _apt_download(workdir, extra_sources=None):
+    """Runs `apt-get download libonnxruntime-dev` in workdir; with extra_sources, against a private
+    apt state that holds the machine's sources plus those lines. Returns (.deb path or None, log)."""
+    cmd = ["apt-get", "-q"]
+    steps = []
+    if extra_sources is not None:
+        state = os.path.join(workdir, "apt")
+        parts = os.path.join(state, "sources.list.d")
+        for sub in ("lists/partial", "cache/archives/partial", "sources.list.d"):
+            os.makedirs(os.path.join(state, sub), exist_ok=True)
+        # the machine's own sources, as configured, plus the extra lines
+        for src in glob.glob("/etc/apt/sources.list.d/*.list") + glob.glob("/etc/apt/sources.list.d/*.sources"):
+            shutil.copy(src, parts)
+        if os.path.isfile("/etc/apt/sources.list"):
+            shutil.copy("/etc/apt/sources.list", os.path.join(parts, "00-system.list"))
+        if extra_sources:
+            with open(os.path.join(parts, "zz-lily-ext.list"), "w", encoding="utf-8") as f:
+                f.write("\n".join(extra_sources) + "\n")
+        cmd += [
+            "-o", f"Dir::Etc::SourceList={os.path.join(state, 'none.list')}",
+            "-o", f"Dir::Etc::SourceParts={parts}",
+            "-o", f"Dir::State::Lists={os.path.join(state, 'lists')}",
+            "-o", f"Dir::Cache={os.path.join(state, 'cache')}",
+            "-o", "Debug::NoLocking=1",
+        ]
+        if os.geteuid() == 0:
+            cmd += ["-o", "APT::Sandbox::User=root"]  # the private dirs are not _apt's
+        code, out = _run(cmd + ["update"], cwd=workdir)
+        steps.append(f"`apt-get update` (private state) exit {code}: {_last_lines(out)}")
+    code, out = _run(cmd + ["download", DEB_PACKAGE], cwd=workdir)
+    steps.append(f"`apt-get download {DEB_PACKAGE}`{' (private state)' if extra_sources is not None else ''} "
+                 f"exit {code}: {_last_lines(out)}")
+    debs = glob.glob(os.path.join(workdir, f"{DEB_PACKAGE}_*.deb"))
+    return (debs[0] if code == 0 and debs else None), "; ".join(steps)
+
+
+def _last_lines(text, count=2):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " / ".join(lines[-count:]) or "no output"
+
+
+def _unpack_to_cache(deb):
+    """Unpacks the headers of a libonnxruntime-dev .deb into the cache; returns the include dir."""
+    version = os.path.basename(deb).split("_")[1].split("+")[0].split("-")[0]
+    target = os.path.join(cache_root(), version)
+    with tempfile.TemporaryDirectory() as tmp:
+        code, out = _run(["dpkg", "-x", deb, tmp])
+        if code != 0:
+            raise RuntimeError(f"dpkg -x {deb} failed: {out.strip()}")
+        found = glob.glob(os.path.join(tmp, "usr", "include", "**", HEADER), recursive=True)
+        if not found:
+            raise RuntimeError(f"{os.path.basename(deb)} holds no {HEADER}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=os.path.dirname(target))  # same fs: atomic replace
+        os.chmod(staging, 0o755)
+        shutil.copytree(os.path.dirname(found[0]), os.path.join(staging, "include"))
+        for doc in glob.glob(os.path.join(tmp, "usr", "share", "doc", DEB_PACKAGE, "copyright")):
+            shutil.copy(doc, staging)  # the headers' licence travels with them
+        with open(os.path.join(staging, "SOURCE"), "w", encoding="utf-8") as f:
+            f.write(f"Debian package {os.path.basename(deb)}, unpacked with dpkg -x\n")
+    include = os.path.join(target, "include")
+    if not has_header(include):
+        if os.path.isdir(target):
+            shutil.rmtree(target)  # an incomplete earlier copy
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not has_header(include):  # else a concurrent build got there first
+                raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return include
+
+
+def _newer_debian_sources():
+    """apt lines for the first Debian release that ships the package, on the mirrors apt is
+    configured with, when this machine runs an older Debian; ([], "") otherwise."""
+    osr = _os_release()
+    codename = osr.get("VERSION_CODENAME", "")
+    if osr.get("ID") != "debian" or codename not in DEBIAN_RELEASES:
+        return [], ""
+    if DEBIAN_RELEASES.index(codename) >= DEBIAN_RELEASES.index(FIRST_DEBIAN_WITH_ORT):
+        return [], ""
+    mirrors = _configured_debian_mirrors(codename)
+    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    signed = f"[signed-by={keyring}] " if os.path.isfile(keyring) else ""
+    lines = [f"deb {signed}{m} {FIRST_DEBIAN_WITH_ORT} main" for m in mirrors]
+    return lines, f" plus Debian {FIRST_DEBIAN_WITH_ORT} on the configured mirror(s) {', '.join(mirrors)}" if lines else ""
+
+
+def fetch_debian_headers():
+    """Step 4. Returns (include_dir, source) or (None, reason)."""
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        return None, "no apt-get/dpkg on this machine to fetch Debian's libonnxruntime-dev"
+    attempts = []
+    with tempfile.TemporaryDirectory() as work:
+        deb, steps = _apt_download(work)  # the package lists apt already has
+        attempts.append(steps)
+        if deb:
+            return _unpack_to_cache(deb), f"Debian {os.path.basename(deb)} (apt-get download, the machine's apt lists)"
+    # Fresh lists of the machine's own sources (and of a newer Debian release when this one lacks
+    # the package), in a private apt state.
+    extra, where = _newer_debian_sources()
+    with tempfile.TemporaryDirectory() as work:
+        deb, steps = _apt_download(work, extra)
+        attempts.append(steps)
+        if deb:
+            return _unpack_to_cache(deb), (
+                f"Debian {os.path.basename(deb)} (apt-get download with a private apt state: the machine's "
+                f"sources{where})"
+            )
+    return None, f"apt could not download {DEB_PACKAGE}: " + "; ".join(attempts)
+
+
+def find_headers(fetch=None):
+    """Steps 1-4 of the module docstring."""
+    env = os.environ.get("ONNXRUNTIME_INCLUDE_DIR", "").strip()
+    if env:
+        if has_header(env):
+            return Headers(env, f"ONNXRUNTIME_INCLUDE_DIR={env}")
+        return Headers(reason=f"ONNXRUNTIME_INCLUDE_DIR={env} holds no {HEADER}")
+    for directory in SYSTEM_DIRS:
+        if has_header(directory):
+            return Headers(directory, f"system install {directory}")
+    cached = cached_headers()
+    if cached:
+        return Headers(cached, f"cache {cached}")
+    if fetch is None:
+        fetch = os.environ.get("LILY_EXT_ORT_FETCH", "1").strip() != "0"
+    if not fetch:
+        return Headers(reason=f"no {HEADER} found (ONNXRUNTIME_INCLUDE_DIR unset, none in {SYSTEM_DIRS} or "
+                       f"{cache_root()}) and fetching is off (LILY_EXT_ORT_FETCH=0)")
+    try:
+        include_dir, note = fetch_debian_headers()
+    except (OSError, RuntimeError) as exc:
+        include_dir, note = None, f"fetching {DEB_PACKAGE} failed: {exc}"
+    if include_dir:
+        return Headers(include_dir, f"{note}, cached in {os.path.dirname(include_dir)}")
+    return Headers(reason=f"no {HEADER} found (ONNXRUNTIME_INCLUDE_DIR unset, none in {SYSTEM_DIRS} or "
+                   f"{cache_root()}); {note}")
+
+
+def cmake_build(source_dir, build_dir, include_dir):
+    """Configures and builds the CMake project; returns the path of the built library."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise RuntimeError("cmake not found on PATH (pip install cmake)")
+    configure = [cmake, "-S", source_dir, "-B", build_dir, f"-DONNXRUNTIME_INCLUDE_DIR={include_dir}",
+                 "-DCMAKE_BUILD_TYPE=Release"]
+    cache = os.path.join(build_dir, "CMakeCache.txt")
+    if shutil.which("ninja") and not os.path.exists(cache):
+        configure += ["-G", "Ninja"]
+    jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+    for cmd in (configure, [cmake, "--build", build_dir, "--parallel", jobs]):
+        log(" ".join(cmd))
+        code, out = _run(cmd, timeout=1800)
+        if code != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{out[-4000:]}")
+    library = os.path.join(build_dir, LIBRARY_NAME)
+    if not os.path.isfile(library):
+        raise RuntimeError(f"the CMake build produced no {LIBRARY_NAME} in {build_dir}")
+    return library
+
+
+def build(source_dir, build_dir, package_dirs):
+    """Builds liblily_ort.so into every directory of package_dirs (or records why not).
+
+    Returns the record written next to it as RECORD_NAME: {"library", "reason", "headers", "api_version"}.
+    """
+    wanted = os.environ.get("LILY_EXT_ORT", "").strip()
+    if wanted not in ("", "0", "1"):
+        raise SystemExit(f"LILY_EXT_ORT must be 0 or 1, got {wanted!r}")
+    record = {"library": None, "reason": None, "headers": None, "api_version": None}
+    if wanted == "0":
+        record["reason"] = "disabled by LILY_EXT_ORT=0 at build time"
+    else:
+        headers = find_headers()
+        if headers.include_dir is None:
+            record["reason"] = headers.reason
+        else:
+            record["headers"] = headers.source
+            record["api_version"] = api_version(headers.include_dir)
+            log(f"ONNX Runtime headers: {headers.source} (C API {record['api_version']})")
+            try:
+                built = cmake_build(source_dir, build_dir, headers.include_dir)
+                record["library"] = LIBRARY_NAME
+            except RuntimeError as exc:
+                record["reason"] = f"building {LIBRARY_NAME} failed: {exc}"
+    if record["library"] is None:
+        message = f"ONNX Runtime library NOT built: {record['reason']}"
+        if wanted == "1":
+            raise SystemExit(f"LILY_EXT_ORT=1 but {message}")
+        log(message)
+    for directory in package_dirs:
+        os.makedirs(directory, exist_ok=True)
+        stale = os.path.join(directory, LIBRARY_NAME)
+        if record["library"]:
+            shutil.copy2(built, stale)
+            log(f"{LIBRARY_NAME} -> {directory}")
+        elif os.path.exists(stale):
+            os.remove(stale)  # never leave an older build behind a record saying "not built"
+        with open(os.path.join(directory, RECORD_NAME), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    found = find_headers(fetch="--no-fetch" not in sys.argv)
+    print(found.include_dir or f"not found: {found.reason}")
+    if found.include_dir:
+        print(f"source: {found.source}; C API version {api_version(found.include_dir)}")
+    sys.exit(0 if found.include_dir else 1)

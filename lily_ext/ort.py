@@ -1,0 +1,77 @@
+"""ONNX Runtime support: the custom-op library that runs ``lily.RoutedMix`` nodes.
+
+``liblily_ort.so`` (built by ``pip install`` when ONNX Runtime C API headers are found, see
+``lily_ext/_ort_build.py``) registers domain ``lily``, op ``RoutedMix`` (opset 1) for the CPU
+execution provider: inputs ``hidden [..., r]``, ``router [E, r]`` (``theta [E]`` for mode
+``static``), ``bank [E, r, out]``, optional ``mask`` (mode ``sequence``, shape
+``hidden.shape[:-1]``, any bool/int/float type, nonzero counts); attributes ``scaling`` (float,
+default 1.0) and ``mode`` (string, default ``"batch"``); output ``delta [..., out]`` with hidden's
+type (float32, float64, float16, bfloat16; half precision is computed in float32).
+
+The library links neither torch nor Python nor ONNX Runtime: any process with onnxruntime can
+register it by path (``SessionOptions.register_custom_ops_library(ort_library_path())``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["ort_library_path", "ort_session", "library_status"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+LIBRARY_NAME = "liblily_ort.so"
+_RECORD = os.path.join(_PACKAGE_DIR, "_ort_build.json")  # written by the build (lily_ext/_ort_build.py)
+
+
+def library_status() -> tuple[str | None, str | None]:
+    """``(path, None)`` when the library is built, else ``(None, why it is missing)``."""
+    path = os.path.join(_PACKAGE_DIR, LIBRARY_NAME)
+    if os.path.isfile(path):
+        return path, None
+    try:
+        with open(_RECORD, encoding="utf-8") as f:
+            reason = json.load(f).get("reason")
+    except (OSError, ValueError):
+        reason = None
+    return None, reason or (
+        f"{LIBRARY_NAME} is not in {_PACKAGE_DIR} and the build left no record of why "
+        "(was the package built by this version of setup.py?)"
+    )
+
+
+def ort_library_path() -> str:
+    """Path of ``liblily_ort.so``; raises ``FileNotFoundError`` saying why when it was not built."""
+    path, reason = library_status()
+    if path is None:
+        raise FileNotFoundError(
+            f"lily_ext's ONNX Runtime library ({LIBRARY_NAME}) is not built: {reason}. Rebuild with "
+            "`pip install --no-build-isolation -e .` once ONNX Runtime C API headers are available "
+            "(set ONNXRUNTIME_INCLUDE_DIR, or let the build fetch Debian's libonnxruntime-dev)."
+        )
+    return path
+
+
+def ort_session(path_or_bytes, providers=None, **session_options):
+    """An ``onnxruntime.InferenceSession`` with lily_ext's custom-op library registered.
+
+    ``path_or_bytes``: a model path or serialized ModelProto bytes. ``providers`` defaults to
+    ``["CPUExecutionProvider"]``. Every other keyword sets that attribute of
+    ``onnxruntime.SessionOptions`` (``intra_op_num_threads=1``, ``graph_optimization_level=...``).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError("ort_session needs the onnxruntime package (pip install onnxruntime)") from exc
+    options = ort.SessionOptions()
+    settable = sorted(k for k in dir(type(options)) if isinstance(getattr(type(options), k, None), property))
+    for key, value in session_options.items():
+        if key not in settable:
+            raise TypeError(
+                f"ort_session: unknown session option {key!r}; onnxruntime.SessionOptions has: {', '.join(settable)}"
+            )
+        setattr(options, key, value)
+    options.register_custom_ops_library(ort_library_path())
+    return ort.InferenceSession(
+        path_or_bytes, sess_options=options, providers=list(providers) if providers else ["CPUExecutionProvider"]
+    )
