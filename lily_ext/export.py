@@ -45,7 +45,7 @@ def register_onnx_schema() -> None:
             ],
             outputs=[P("delta", "T", "[..., out]")],
             type_constraints=[
-                ("T", ["tensor(float)", "tensor(float16)"], "float tensors"),
+                ("T", ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"], "float tensors"),
                 ("M", ["tensor(bool)", "tensor(int32)", "tensor(int64)", "tensor(float)", "tensor(float16)"], "mask"),
             ],
             attributes=[

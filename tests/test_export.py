@@ -252,9 +252,42 @@ def test_custom_form_graph(routing):
     assert (len(nodes[0].input) == 4) == (routing == "sequence")  # the attention mask reaches the node
 
 
-def test_custom_form_with_the_torchscript_exporter():
+@pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static"])
+def test_custom_form_runs_in_onnxruntime_with_the_library(routing, tmp_path):
+    model = bert_model(routing)
+    example, other = example_and_other_inputs()
+    export_onnx(model, (), tmp_path / "m.onnx", form="custom", kwargs=example, dynamic_shapes=DYNAMIC)
+    session = lily_ext.ort_session(str(tmp_path / "m.onnx"))
+    expected = model(**other).logits.detach().numpy()
+    np.testing.assert_allclose(ort_run(None, other, session), expected, rtol=0, atol=1e-4)
+
+
+def test_custom_form_with_the_torchscript_exporter(tmp_path):
     model = lily_net("token")
-    proto = export_onnx(model, (torch.randn(2, 5, 16),), form="custom", dynamo=False)
+    proto = export_onnx(model, (torch.randn(2, 5, 16),), tmp_path / "m.onnx", form="custom", dynamo=False)
     nodes = [n for n in proto.graph.node if n.op_type == "RoutedMix"]
     assert len(nodes) == 6 and all(n.domain == "lily" for n in nodes)
     onnx.checker.check_model(proto)
+    x = torch.randn(2, 5, 16)  # the TorchScript exporter fixes the example's shapes
+    np.testing.assert_allclose(ort_run(None, {proto.graph.input[0].name: x}, lily_ext.ort_session(str(tmp_path / "m.onnx"))),
+                               model(x).detach().numpy(), rtol=0, atol=1e-4)
+
+
+def test_exported_model_runs_in_a_process_with_only_onnxruntime(tmp_path):
+    model = bert_model("sequence")
+    example, other = example_and_other_inputs()
+    export_onnx(model, (), tmp_path / "m.onnx", form="custom", kwargs=example, dynamic_shapes=DYNAMIC)
+    np.savez(tmp_path / "io.npz", expected=model(**other).logits.detach().numpy(), **{k: v.numpy() for k, v in other.items()})
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, onnxruntime as ort
+        options = ort.SessionOptions()
+        options.register_custom_ops_library({lily_ext.ort_library_path()!r})
+        session = ort.InferenceSession({str(tmp_path / 'm.onnx')!r}, options, providers=["CPUExecutionProvider"])
+        io = np.load({str(tmp_path / 'io.npz')!r})
+        out = session.run(None, {{"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}})[0]
+        assert np.abs(out - io["expected"]).max() < 1e-4
+        assert "torch" not in sys.modules and "lily_ext" not in sys.modules
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr

@@ -48,7 +48,7 @@ def value_info(name, array):
     return helper.make_tensor_value_info(name, ONNX_TYPE[array.dtype], [f"{name}_{i}" for i in range(array.ndim)])
 
 
-def make_model(feeds, out_rank=None, out_type=None, **attrs):
+def make_model(feeds, out_rank=None, out_type=None, check=True, **attrs):
     """One lily.RoutedMix node over `feeds` (name -> array, in input order), symbolic dims."""
     names = list(feeds)
     hidden = feeds["hidden"]
@@ -57,7 +57,8 @@ def make_model(feeds, out_rank=None, out_type=None, **attrs):
     node = helper.make_node("RoutedMix", names, ["delta"], domain="lily", **attrs)
     graph = helper.make_graph([node], "routed_mix", [value_info(n, feeds[n]) for n in names if n], [out])
     model = helper.make_model(graph, opset_imports=OPSETS, ir_version=IR_VERSION)
-    onnx.checker.check_model(model)
+    if check:  # (the checker knows lily.RoutedMix once lily_ext.export registered its schema)
+        onnx.checker.check_model(model)
     return model
 
 
@@ -219,7 +220,7 @@ def test_bad_inputs_raise_naming_the_argument(case):
 def test_bad_attributes_fail_at_session_creation(attrs, message):
     feeds = numpy_inputs((2, 3), 3, 4, 5, "batch", np.float32)
     with pytest.raises(ORT_ERRORS, match=message):
-        lily_ext.ort_session(make_model(feeds, **attrs).SerializeToString())
+        lily_ext.ort_session(make_model(feeds, check=False, **attrs).SerializeToString())
     assert run(feeds).shape == (2, 3, 5)  # still alive
 
 
