@@ -241,7 +241,7 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
 
-    names = ["ops", "train", "ort"] if args.which == "all" else [args.which]
+    names = ["ops", "train", "ort", "ort_op"] if args.which == "all" else [args.which]
     for name in names:
         module = importlib.import_module(f"lily_ext.benchmarks.{name}")
         print(f"## {name}\n")
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="run the benchmarks and print their tables")
-    bench.add_argument("which", nargs="?", default="all", choices=["all", "ops", "train", "ort"])
+    bench.add_argument("which", nargs="?", default="all", choices=["all", "ops", "train", "ort", "ort_op"])
     bench.add_argument("--quick", action="store_true", help="shorter timing budget")
     bench.set_defaults(func=cmd_bench)
 
