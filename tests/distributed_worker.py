@@ -1,0 +1,61 @@
+"""Worker processes for tests/test_distributed.py (gloo on the CPU, a file rendezvous)."""
+
+import torch
+import torch.distributed as dist
+from models import tiny_bert
+
+import lily_ext
+
+STEPS, LR = 3, 0.5
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, 97, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1])}
+
+
+def make_model(routing):
+    torch.manual_seed(5)
+    return lily_ext.get_lily_model(tiny_bert(), lily_ext.LilyConfig(
+        r=4, num_B=3, stride_A=2, target_modules=["query", "value"], routing=routing, init_weights=False))
+
+
+def train(model, batch):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    for _ in range(STEPS):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def trained_params(model):
+    return {n: p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def single_process(routing):
+    model = make_model(routing)
+    train(model, global_batch())
+    return trained_params(model)
+
+
+def worker(rank, world, rendezvous, routing, wrapper, out):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        model = make_model(routing)
+        if wrapper == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:  # FSDP2 over the whole model: one unit holds every shared A and B (see README)
+            from torch.distributed.fsdp import fully_shard
+
+            wrapped = fully_shard(model)
+        batch = {k: v[rank * 2 : (rank + 1) * 2] for k, v in global_batch().items()}
+        train(wrapped, batch)
+        params = trained_params(model)
+        torch.save(params, f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
