@@ -151,9 +151,11 @@ def cmd_train(args) -> int:
     import torch
 
     from .data import read_labelled_file
-    from .training import (TrainState, evaluate, load_base_classifier, resume_training, save_training_checkpoint,
-                           train)
+    from .training import (TrainState, distributed_accelerator, evaluate, load_base_classifier, resume_training,
+                           save_training_checkpoint, train)
 
+    accelerator = distributed_accelerator()
+    main_process = accelerator is None or accelerator.is_main_process
     torch.manual_seed(args.seed)
     pairs = read_labelled_file(args.data, args.text_field, args.label_field)
     labels, train_pairs, held_out = _labels_and_split(pairs, args.eval_split, args.seed)
@@ -177,22 +179,28 @@ def cmd_train(args) -> int:
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
     label_ids = {l: i for i, l in enumerate(labels)}
-    model.print_trainable_parameters()
+    if main_process:
+        model.print_trainable_parameters()
 
     def checkpoint(st, opt):
-        path = save_training_checkpoint(out, model, opt, st, labels, {"args": {k: v for k, v in vars(args).items() if k != "func"}})
-        print(f"checkpoint: {path} (step {st.step})", file=sys.stderr)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        if main_process:  # every process holds the same weights; one writes
+            path = save_training_checkpoint(out, model, opt, st, labels, {"args": {k: v for k, v in vars(args).items() if k != "func"}})
+            print(f"checkpoint: {path} (step {st.step})", file=sys.stderr)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
 
     try:
         state = train(model, tokenizer, train_pairs, label_ids, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       max_length=args.max_length, seed=args.seed, state=state, optimizer=optimizer,
-                      on_checkpoint=checkpoint, checkpoint_every=args.save_every)
+                      on_checkpoint=checkpoint, checkpoint_every=args.save_every, accelerator=accelerator)
     except KeyboardInterrupt:
         print("interrupted: the checkpoint above is consistent; run the same command to resume", file=sys.stderr)
         return 130
     if not args.save_every or state.step % args.save_every:
         checkpoint(state, optimizer)
-    if held_out:
+    if held_out and main_process:
         result = evaluate(model, tokenizer, held_out, label_ids, max_length=args.max_length)
         print(f"held-out accuracy: {result['accuracy']:.3f} on {result['examples']} examples")
     return 0

@@ -108,11 +108,25 @@ def new_lily_model(base_model, config: LilyConfig) -> LilyModel:
     return get_lily_model(base_model, config)
 
 
+def distributed_accelerator():
+    """An accelerate.Accelerator when launched on several processes (``accelerate launch``,
+    ``torchrun``), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
 def train(model: LilyModel, tokenizer, train_pairs, label_ids: dict, *, steps: int, batch_size: int, lr: float,
           max_length: int, seed: int, state: TrainState | None = None, optimizer=None, on_checkpoint=None,
-          checkpoint_every: int = 0, progress: bool = True) -> TrainState:
+          checkpoint_every: int = 0, progress: bool = True, accelerator=None) -> TrainState:
     """AdamW on the trainable parameters for ``steps`` steps (resuming from ``state``).
 
+    With an ``accelerator`` (several processes), every process draws the same global batch of
+    ``batch_size`` examples per process and trains on its own slice; gradients are averaged.
     Ctrl-C stops after the step in flight; ``on_checkpoint(state, optimizer)`` is then called so
     the caller can save a consistent checkpoint, and KeyboardInterrupt is raised again.
     """
@@ -120,22 +134,28 @@ def train(model: LilyModel, tokenizer, train_pairs, label_ids: dict, *, steps: i
 
     state = state or TrainState()
     optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    runner = model
+    rank, world = 0, 1
+    if accelerator is not None:
+        runner, optimizer = accelerator.prepare(model, optimizer)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        progress = progress and accelerator.is_main_process
     model.train()
     rng = random.Random(seed + state.step)
     order: list = []
     bar = tqdm(total=steps, initial=min(state.step, steps), desc="training", unit="step", disable=not progress)
     try:
         while state.step < steps:
-            if len(order) < batch_size:
+            if len(order) < batch_size * world:
                 more = train_pairs[:]
                 rng.shuffle(more)
                 order += more
-            chunk, order = order[:batch_size], order[batch_size:]
-            batch = next(batches(chunk, tokenizer, label_ids, batch_size, max_length))
-            loss = model(**batch).loss
+            chunk, order = order[: batch_size * world], order[batch_size * world :]
+            batch = next(batches(chunk[rank * batch_size : (rank + 1) * batch_size], tokenizer, label_ids, batch_size, max_length))
+            loss = runner(**batch).loss
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"training: the loss became {loss.item()} at step {state.step}; lower --lr")
-            loss.backward()
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1

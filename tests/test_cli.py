@@ -147,3 +147,16 @@ def test_demo_at_a_tiny_step_count(tmp_path):
         assert rows[form]["max_abs_diff"] < 1e-4, rows[form]
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert "| form | max abs diff vs PyTorch |" in result.stdout
+
+
+def test_train_under_accelerate_launch_with_two_processes(model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    args = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "lily_ext.cli", *map(str, train_args(model_dir, data_file, out, 4))]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trainable params:") == 1  # one process reports
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4
+    lily_ext.load_adapter(BertForSequenceClassification.from_pretrained(model_dir, num_labels=2), out / "checkpoint")
