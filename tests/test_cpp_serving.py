@@ -46,3 +46,23 @@ def test_cpp_program_serves_the_custom_form(tmp_path):
     got = np.array([float(v) for v in result.stdout.split()])
     expected = model(input_ids=torch.tensor([tokens])).logits.detach().numpy().ravel()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_libtorch_program_runs_a_traced_model(tmp_path):
+    """examples/cpp/load_torchscript.cpp: dlopen lily_ext's _C library (no Python), torch::jit::load."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_export import lily_net
+
+    torch_dir = Path(torch.__file__).parent
+    binary = tmp_path / "load_torchscript"
+    subprocess.run([shutil.which("g++") or "c++", "-std=c++20", "-O1", str(ROOT / "examples/cpp/load_torchscript.cpp"),
+                    f"-I{torch_dir}/include", f"-I{torch_dir}/include/torch/csrc/api/include", f"-L{torch_dir}/lib",
+                    "-ltorch", "-ltorch_cpu", "-lc10", "-ldl", f"-Wl,-rpath,{torch_dir}/lib", "-o", str(binary)], check=True, timeout=600)
+    traced = torch.jit.trace(lily_net("token").model, (torch.randn(2, 5, 16),))
+    traced.save(str(tmp_path / "traced.pt"))
+    from lily_ext._library import library_path
+
+    result = subprocess.run([str(binary), str(tmp_path / "traced.pt"), library_path()], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "output [2, 5, 5]" in result.stdout, result.stderr
