@@ -31,8 +31,9 @@ using acc_type = typename AccType<T>::type;
 
 // ---- routing (routing.cu) -------------------------------------------------------------------
 
-// Rows per block of the routing kernels (8 warps, one row per warp at a time).
-constexpr int64_t kRouterRows = 64;
+// Rows per block of the router-softmax kernel (8 warps, two rows each): small,
+// so a training-size call spreads over many blocks (N = 8192: 512).
+constexpr int64_t kRouterRows = 16;
 
 inline int64_t router_chunks(int64_t segment_rows) { return (segment_rows + kRouterRows - 1) / kRouterRows; }
 
@@ -68,9 +69,9 @@ std::string launch_router_backward_rows(const T* router, const acc_type<T>* prob
                                         const acc_type<T>* dh_mix, T* dhidden, acc_type<T>* dlogits,
                                         cudaStream_t stream);
 
-// Rows per block of the router-gradient partial sums: at most ~1024 blocks.
+// Rows per block of the router-gradient partial sums: at least 64, at most ~1024 blocks.
 inline int64_t router_grad_rows(int64_t rows) {
-  return std::max<int64_t>(kRouterRows, (rows + 1023) / 1024);
+  return std::max<int64_t>(64, (rows + 1023) / 1024);
 }
 inline int64_t router_grad_blocks(int64_t rows) {
   const int64_t per = router_grad_rows(rows);
