@@ -281,9 +281,10 @@ def test_runs_on_the_current_stream():
     with torch.cuda.stream(side):
         out, grads, _ = forward_and_grads(hidden, router, bank, "batch", grad=grad)
     side.synchronize()
-    assert torch.equal(out, expected)
+    # same math; cuBLAS promises identical bits only within one stream
+    torch.testing.assert_close(out, expected)
     for a, b in zip(grads, expected_grads):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("mode", MODES)
