@@ -57,6 +57,52 @@ def nvcc_version(cuda_home):
     return match.group(1) if match else "unknown"
 
 
+# Headers the CUDA sources need beyond the runtime's: cuBLAS for the kernels,
+# and what torch's ATen/cuda/CUDAContextLight.h includes for the binding.
+CUDA_LIBRARY_HEADERS = ("cublas_v2.h", "cublasLt.h", "cusparse.h", "cusolverDn.h")
+
+
+def _nvidia_wheel_roots():
+    """Folders of the nvidia-* pip wheels torch depends on (nvidia/cu13/..., nvidia/cublas/...)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    return list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+
+
+def find_cuda_libraries(cuda_home):
+    """(extra include dirs, library dir, link flag) for cuBLAS.
+
+    A full toolkit has everything under cuda_home; a pip-assembled one (nvcc and the
+    runtime only) lacks cuBLAS, which then comes from the nvidia wheels torch itself
+    loads. Those ship only versioned libraries (libcublas.so.13), linked by file name;
+    at run time the SONAME resolves to the copy torch has already loaded.
+    """
+    toolkit_inc = os.path.join(cuda_home, "include")
+    wheel_dirs = [d for root in _nvidia_wheel_roots() for d in sorted(glob.glob(os.path.join(root, "*")))]
+    includes = []
+    for header in CUDA_LIBRARY_HEADERS:
+        if os.path.exists(os.path.join(toolkit_inc, header)):
+            continue
+        for d in wheel_dirs:
+            inc = os.path.join(d, "include")
+            if os.path.exists(os.path.join(inc, header)):
+                if inc not in includes:
+                    includes.append(inc)
+                break
+        else:
+            raise SystemExit(f"lily_ext: {header} not found in {toolkit_inc} or the nvidia pip wheels (set CUDA_HOME)")
+    lib_dirs = [os.path.join(cuda_home, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")]
+    lib_dirs += [os.path.join(d, "lib") for d in wheel_dirs]
+    for d in lib_dirs:
+        if os.path.exists(os.path.join(d, "libcublas.so")):
+            return includes, d, "-lcublas"
+        versioned = sorted(glob.glob(os.path.join(d, "libcublas.so.[0-9]*")), key=len)
+        if versioned:
+            return includes, d, "-l:" + os.path.basename(versioned[0])
+    raise SystemExit("lily_ext: libcublas not found in the CUDA toolkit or the nvidia pip wheels (set CUDA_HOME)")
+
+
 def cuda_plan():
     """(use_cuda, cuda_home, reason)."""
     import torch
@@ -100,6 +146,7 @@ def build_extensions():
     macros = []
     extension = CppExtension
     extra = {"cxx": cxx_flags}
+    link_args = ["-fopenmp"]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
         archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ",").replace(";", ",")
@@ -107,13 +154,19 @@ def build_extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/torch/cuda/*.cpp"))
         macros += [("LILY_WITH_CUDA", None), ("LILY_CUDA_ARCHS", archs), ("LILY_NVCC_VERSION", nvcc_version(cuda_home))]
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v"]
+        includes, lib_dir, lib_flag = find_cuda_libraries(cuda_home)
+        for inc in includes:  # after the toolkit's own -I, so its runtime headers win
+            extra["cxx"] += ["-isystem", inc]
+            extra["nvcc"] += ["-isystem", inc]
+        link_args += [f"-L{lib_dir}", lib_flag, f"-Wl,-rpath,{lib_dir}"]
+        print(f"lily_ext: cuBLAS {lib_flag[2:]} from {lib_dir}")
         extension = CUDAExtension
     ext = extension(
         name="lily_ext._C",
         sources=sources,
         define_macros=macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,0 +1,3 @@
+// Stand-in for <cuda_runtime.h> in the CPU emulation (see emu.h).
+#pragma once
+#include "emu.h"

@@ -1,0 +1,358 @@
+"""lily::routed_mix on CUDA against the float64 reference (tests/reference.py) and the CPU kernels.
+
+Skipped, with the reason, where torch.cuda.is_available() is False. Shapes cover both
+sides of every CUDA path: the fused small-N forward (N <= 64) and the routing-kernel +
+cuBLAS / tiled (W kron h) paths above it, the per-row backward (<= 4 rows per group)
+and the grouped one, vector and scalar tile loads (r, out multiples of 8 or not),
+partial tiles, N = 0 / 1, r = 1, out = 1.
+"""
+
+import contextlib
+import os
+
+import pytest
+import torch
+from reference import routed_mix_reference
+
+import lily_ext
+from lily_ext.ops import MODES, routed_mix
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: torch.cuda.is_available() is False")
+
+DEV = "cuda"
+# max |error| / max |reference|; gradients get 4x
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+# (leading dims of hidden, E, r, out)
+SHAPES = [
+    ((7,), 4, 16, 24),  # fused small-N forward
+    ((1,), 2, 1, 1),  # N = 1, r = 1, out = 1
+    ((3, 5), 3, 8, 33),  # sequence: 3 samples of 5 (per-row small forward)
+    ((0,), 4, 8, 16),  # empty N
+    ((2, 3, 4), 2, 5, 9),  # sequence L = 3: per-row backward
+    ((64,), 3, 4, 40),  # exactly the small-N limit
+    ((65,), 3, 12, 70),  # just past it: routing kernels, combine + cuBLAS, tiled (W kron h)
+    ((3, 70), 2, 9, 300),  # sequence L = 70: batched cuBLAS, grouped backward
+    ((300,), 4, 16, 136),  # r, out multiples of 8: vector tile loads, several tiles
+    ((2, 150), 3, 40, 20),  # K = E * r = 120: partial k tiles
+    ((4, 1000), 4, 64, 264),  # many routing blocks, split-K partial sums
+]
+
+
+def shape_id(s):
+    return "x".join(map(str, (*s[0], s[1], s[2], s[3])))
+
+
+def rel_err(actual, expected):
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if expected.numel() == 0:
+        return 0.0
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def make_inputs(lead, E, r, out, mode, dtype=torch.float32, seed=0, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, r, generator=g, dtype=torch.float64)
+    router = torch.randn(E, generator=g, dtype=torch.float64) if mode == "static" else torch.randn(E, r, generator=g, dtype=torch.float64)
+    bank = torch.randn(E, r, out, generator=g, dtype=torch.float64) / r**0.5
+    return tuple(t.to(device=device, dtype=dtype) for t in (hidden, router, bank))
+
+
+def random_mask(lead, seed=0, fully_masked_sample=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(*lead, generator=g) < 0.7
+    if len(lead) >= 2 and lead[0] > fully_masked_sample:
+        mask[fully_masked_sample] = False
+    return mask
+
+
+@contextlib.contextmanager
+def env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def forward_and_grads(hidden, router, bank, mode, scaling=0.7, mask=None, grad=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, router, bank)]
+    out = routed_mix(*leaves, scaling=scaling, mode=mode, mask=mask)
+    if grad is None:
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(grad.to(device=out.device, dtype=out.dtype))
+    return out, [t.grad for t in leaves], grad
+
+
+def reference_and_grads(hidden, router, bank, mode, grad, scaling=0.7, mask=None):
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (hidden, router, bank)]
+    m = None if mask is None else mask.cpu()
+    ref = routed_mix_reference(*leaves, scaling=scaling, mode=mode, mask=m)
+    (ref * grad.cpu().double().reshape(ref.shape)).sum().backward()
+    return ref, [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+
+
+def check_against_reference(hidden, router, bank, mode, mask=None, tol=None):
+    tol = tol or TOL[hidden.dtype]
+    out, grads, grad = forward_and_grads(hidden, router, bank, mode, mask=mask)
+    # the reference sees the same rounded inputs and upstream gradient
+    ref, ref_grads = reference_and_grads(hidden, router, bank, mode, grad.to(hidden.dtype), mask=mask)
+    assert out.shape == ref.shape and out.dtype == hidden.dtype and out.device.type == "cuda"
+    assert rel_err(out, ref) <= tol, f"forward error {rel_err(out, ref):.2e}"
+    for name, mine, theirs in zip(("hidden", "router", "bank"), grads, ref_grads):
+        assert mine is not None and mine.dtype == hidden.dtype and mine.device.type == "cuda", name
+        assert rel_err(mine, theirs) <= 4 * tol, f"d{name} error {rel_err(mine, theirs):.2e}"
+    return out
+
+
+def test_cuda_kernels_are_built():
+    info = lily_ext.build_info()
+    assert info["cuda_kernels"], f"lily_ext was built without CUDA kernels: {info}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(mode, shape, dtype):
+    lead, E, r, out = shape
+    hidden, router, bank = make_inputs(lead, E, r, out, mode, dtype)
+    check_against_reference(hidden, router, bank, mode)
+
+
+@pytest.mark.parametrize("lead", [(4, 6), (5, 40), (3, 2, 30), (80,)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sequence_mask(lead, dtype):
+    # fully masked sample (the second one), partially masked others; small and large paths
+    hidden, router, bank = make_inputs(lead, 3, 8, 12, "sequence", dtype)
+    mask = random_mask(lead).to(DEV)
+    out = check_against_reference(hidden, router, bank, "sequence", mask=mask)
+    if len(lead) >= 2:
+        assert torch.equal(out[1], torch.zeros_like(out[1])), "a fully masked sample must get a zero delta"
+    for other in (mask.long(), mask.float(), mask.to(torch.uint8)):
+        torch.testing.assert_close(routed_mix(hidden, router, bank, scaling=0.7, mode="sequence", mask=other), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lead", [(4, 6), (3, 100)], ids=lambda s: "x".join(map(str, s)))
+def test_masked_tokens_do_not_route(lead):
+    hidden, router, bank = make_inputs(lead, 3, 8, 12, "sequence", torch.float64)
+    mask = torch.ones(lead, dtype=torch.bool, device=DEV)
+    mask[0, -2:] = False
+    out = routed_mix(hidden, router, bank, mode="sequence", mask=mask)
+    poked = hidden.clone()
+    poked[0, -1] += 100.0
+    moved = routed_mix(poked, router, bank, mode="sequence", mask=mask)
+    keep = torch.ones(lead, dtype=torch.bool, device=DEV)
+    keep[0, -1] = False
+    torch.testing.assert_close(moved[keep], out[keep], rtol=0, atol=1e-12)
+
+
+def test_fully_masked_batch_has_finite_grads():
+    for lead in ((2, 3), (2, 100)):
+        hidden, router, bank = make_inputs(lead, 2, 4, 5, "sequence", torch.float32)
+        leaves = [t.requires_grad_() for t in (hidden, router, bank)]
+        out = routed_mix(*leaves, mode="sequence", mask=torch.zeros(lead, dtype=torch.bool, device=DEV))
+        assert torch.equal(out, torch.zeros_like(out))
+        out.sum().backward()
+        for t in leaves:
+            assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("lead", [(5, 7), (4, 300), (2, 2), (700,)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_and_cuda_agree(mode, lead, dtype):
+    hidden, router, bank = make_inputs(lead, 3, 24, 40, mode, dtype, device="cpu")
+    mask = random_mask(lead) if mode == "sequence" else None
+    cpu_out, cpu_grads, grad = forward_and_grads(hidden, router, bank, mode, mask=mask)
+    gpu_out, gpu_grads, _ = forward_and_grads(
+        hidden.to(DEV), router.to(DEV), bank.to(DEV), mode, mask=None if mask is None else mask.to(DEV), grad=grad
+    )
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(gpu_out, cpu_out) <= tol
+    for mine, theirs in zip(gpu_grads, cpu_grads):
+        assert rel_err(mine, theirs) <= 4 * tol
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reproducible_run_to_run(mode, dtype):
+    for lead in ((3, 9), (6, 900)):
+        hidden, router, bank = make_inputs(lead, 4, 32, 96, mode, dtype)
+        mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+        first = forward_and_grads(hidden, router, bank, mode, mask=mask)
+        second = forward_and_grads(hidden, router, bank, mode, mask=mask, grad=first[2])
+        assert torch.equal(first[0], second[0])
+        for a, b in zip(first[1], second[1]):
+            assert torch.equal(a, b)
+
+
+def _poison_caching_allocator():
+    """Fill free blocks of the caching allocator with 0xFF bytes (NaN in every float dtype)."""
+    blocks = []
+    for k in range(9, 27):
+        for n in (1 << k, 3 << (k - 1)):
+            blocks.append(torch.full((n,), 255, dtype=torch.uint8, device=DEV))
+    torch.cuda.synchronize()
+    del blocks  # back to the cache, not to the driver: the next allocations reuse this memory
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [((7,), 4, 16, 24), ((5, 9), 3, 8, 33), ((3, 70), 2, 9, 300), ((300,), 4, 16, 136)], ids=shape_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_outputs_never_hold_uninitialised_memory(mode, shape, dtype):
+    lead, E, r, out = shape
+    hidden, router, bank = make_inputs(lead, E, r, out, mode, dtype)
+    mask = random_mask(lead).to(DEV) if mode == "sequence" and len(lead) >= 2 else None
+    grad = torch.randn(*lead, out, device=DEV, dtype=dtype)
+    _poison_caching_allocator()
+    delta = torch.ops.lily.routed_mix.default(hidden, router, bank, 0.5, mode, mask)
+    _poison_caching_allocator()
+    grads = torch.ops.lily.routed_mix_backward.default(grad, hidden, router, bank, 0.5, mode, mask)
+    assert torch.isfinite(delta).all()
+    for g in grads:
+        assert torch.isfinite(g).all()
+
+
+def test_empty_rows():
+    for mode in MODES:
+        hidden, router, bank = make_inputs((0,), 3, 4, 5, mode)
+        delta = routed_mix(hidden, router, bank, mode=mode)
+        assert delta.shape == (0, 5) and delta.device.type == "cuda"
+        _poison_caching_allocator()
+        dh, dR, dB = torch.ops.lily.routed_mix_backward.default(torch.empty(0, 5, device=DEV), hidden, router, bank, 1.0, mode, None)
+        assert dh.shape == (0, 4) and torch.equal(dR, torch.zeros_like(dR)) and torch.equal(dB, torch.zeros_like(dB))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_inputs(mode):
+    E, r, out, N = 3, 6, 10, 90
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(r, N, generator=g, dtype=torch.float64).T.to(DEV)
+    bank = torch.randn(E, r, 2 * out, generator=g, dtype=torch.float64).to(DEV)[..., ::2]
+    router = torch.randn(E, generator=g, dtype=torch.float64).to(DEV) if mode == "static" else torch.randn(r, E, generator=g, dtype=torch.float64).to(DEV).T
+    assert not hidden.is_contiguous() and not bank.is_contiguous()
+    check_against_reference(hidden, router, bank, mode)
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_kron_forward_paths_agree(mode):
+    # the tiled kernel (default) and (W kron h) chunks + cuBLAS, and tiny scratch budgets
+    lead = (300,)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        hidden, router, bank = make_inputs(lead, 3, 16, 72, mode, dtype)
+        mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+        base = forward_and_grads(hidden, router, bank, mode, mask=mask)
+        for knobs in ({"LILY_CUDA_KRON": "gemm"}, {"LILY_CUDA_KRON": "gemm", "LILY_CUDA_SCRATCH_BYTES": 5000}, {"LILY_CUDA_SCRATCH_BYTES": 3000}):
+            with env(**knobs):
+                other = forward_and_grads(hidden, router, bank, mode, mask=mask, grad=base[2])
+            tol = 1e-12 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-2)
+            assert rel_err(other[0], base[0]) <= tol, knobs
+            for a, b in zip(other[1], base[1]):
+                assert rel_err(a, b) <= 4 * tol, knobs
+
+
+def test_group_batches_in_small_scratch():
+    # sequence samples in several batches of combined banks (forward and backward)
+    hidden, router, bank = make_inputs((9, 20), 3, 8, 24, "sequence", torch.float64)
+    mask = random_mask((9, 20)).to(DEV)
+    base = forward_and_grads(hidden, router, bank, "sequence", mask=mask)
+    with env(LILY_CUDA_SCRATCH_BYTES=6000):
+        other = forward_and_grads(hidden, router, bank, "sequence", mask=mask, grad=base[2])
+    assert rel_err(other[0], base[0]) <= 1e-12
+    for a, b in zip(other[1], base[1]):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_runs_on_the_current_stream():
+    hidden, router, bank = make_inputs((4, 200), 4, 32, 64, "batch")
+    expected, expected_grads, grad = forward_and_grads(hidden, router, bank, "batch")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, grads, _ = forward_and_grads(hidden, router, bank, "batch", grad=grad)
+    side.synchronize()
+    # same math; cuBLAS promises identical bits only within one stream
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck(mode):
+    for lead in ((2, 5), (2, 70)):
+        hidden, router, bank = make_inputs(lead, 3, 4, 6, mode, torch.float32)
+        mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+        args = (hidden.requires_grad_(), router.requires_grad_(), bank.requires_grad_(), 0.5, mode, mask)
+        torch.library.opcheck(torch.ops.lily.routed_mix.default, args)
+        grad = torch.randn(*lead, 6, device=DEV)
+        torch.library.opcheck(
+            torch.ops.lily.routed_mix_backward.default, (grad, *(t.detach() for t in args[:3]), 0.5, mode, mask)
+        )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck(mode):
+    for lead in ((3, 4), (2, 40)):
+        hidden, router, bank = make_inputs(lead, 3, 5, 6, mode, torch.float64)
+        mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+        leaves = tuple(t.requires_grad_() for t in (hidden, router, bank))
+        assert torch.autograd.gradcheck(lambda h, R, B: routed_mix(h, R, B, scaling=0.8, mode=mode, mask=mask), leaves)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_fullgraph(mode):
+    hidden, router, bank = make_inputs((2, 6), 3, 8, 10, mode)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool, device=DEV) if mode == "sequence" else None
+
+    def layer(h, R, B):
+        return torch.tanh(routed_mix(h * 2.0, R, B, scaling=0.5, mode=mode, mask=mask)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor" if mode == "batch" else "aot_eager")
+    results = []
+    for fn in (layer, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, router, bank)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append((loss, *(t.grad for t in leaves)))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager)
+
+
+def test_bad_input_on_cuda():
+    hidden, router, bank = make_inputs((2, 6), 3, 4, 5, "batch")
+    with pytest.raises(ValueError, match="bank: on device cpu"):
+        routed_mix(hidden, router, bank.cpu())
+    with pytest.raises(ValueError, match="mask: on device cpu"):
+        routed_mix(hidden, router, bank, mode="sequence", mask=torch.ones(2, 6, dtype=torch.bool))
+    big_hidden, big_router, big_bank = make_inputs((3,), 300, 2, 3, "batch")
+    with pytest.raises(RuntimeError, match="E <= 256"):
+        torch.ops.lily.routed_mix.default(big_hidden, big_router, big_bank, 1.0, "batch", None)
+
+
+@pytest.mark.parametrize("mode", ["batch", "token"])
+def test_training_size_bfloat16(mode):
+    # one larger call per path family, checked against float64 math on the GPU
+    N, r, E, out = 2048, 128, 4, 1024
+    hidden, router, bank = make_inputs((N,), E, r, out, mode, torch.bfloat16)
+    out_bf16, grads, grad = forward_and_grads(hidden, router, bank, mode)
+    h, R, B = (t.detach().double().requires_grad_() for t in (hidden, router, bank))
+    P = torch.softmax(h @ R.T, dim=-1)
+    if mode == "batch":
+        ref = 0.7 * (h @ torch.einsum("e,eio->io", P.mean(0), B))
+    else:
+        ref = 0.7 * ((P.unsqueeze(-1) * h.unsqueeze(-2)).reshape(N, E * r) @ B.reshape(E * r, out))
+    ref.backward(grad.to(ref.device, torch.bfloat16).double())
+    assert rel_err(out_bf16, ref) <= 3e-2
+    for mine, theirs in zip(grads, (h.grad, R.grad, B.grad)):
+        assert rel_err(mine, theirs) <= 1.2e-1
