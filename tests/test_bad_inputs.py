@@ -5,8 +5,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,6 +31,33 @@ def op_inputs(mode="batch", lead=(2, 6)):
     return torch.randn(*lead, R, generator=g), router, torch.randn(E, R, OUT, generator=g)
 
 
+_SCRATCH = tempfile.TemporaryDirectory()  # removed when the test process exits
+
+
+def saved_adapter(damage=None, **config):
+    """A saved adapter of a tiny Llama in a fresh directory, optionally damaged."""
+    import json
+
+    path = Path(tempfile.mkdtemp(dir=_SCRATCH.name)) / "adapter"
+    get_lily_model(tiny_llama(), LilyConfig(r=4, target_modules=["q_proj"], **config)).save_adapter(path)
+    if damage == "truncate":
+        data = (path / "adapter.safetensors").read_bytes()
+        (path / "adapter.safetensors").write_bytes(data[: len(data) // 3])
+    elif damage == "newer":
+        record = json.loads((path / "lily_config.json").read_text())
+        record["format_version"] = 2
+        (path / "lily_config.json").write_text(json.dumps(record))
+    return path
+
+
+def saved_peft_adapter():
+    import peft
+
+    path = Path(tempfile.mkdtemp(dir=_SCRATCH.name))
+    peft.get_peft_model(tiny_llama(), peft.LilyConfig(r=4, target_modules=["q_proj"])).save_pretrained(path)
+    return path
+
+
 # (entry point, description, call, expected exception, message pattern)
 CATALOGUE = [
     ("ops", "hidden r mismatch", lambda: routed_mix(torch.randn(2, R + 1), *op_inputs()[1:]), ValueError, r"hidden: last dim must equal bank's r"),
@@ -45,6 +74,12 @@ CATALOGUE = [
     ("get_lily_model", "not a Linear", lambda: get_lily_model(tiny_llama(), LilyConfig(target_modules=["act_fn"])), ValueError, r"Lily adapts only torch.nn.Linear"),
     ("get_lily_model", "not a config", lambda: get_lily_model(tiny_llama(), {"r": 4}), TypeError, r"config: expected a lily_ext.LilyConfig"),
     ("load_adapter", "not a directory", lambda: lily_ext.load_adapter(tiny_llama(), "/nonexistent/adapter"), AdapterLoadError, r"is not an adapter directory"),
+    ("load_adapter", "truncated safetensors", lambda: lily_ext.load_adapter(tiny_llama(), saved_adapter("truncate")), AdapterLoadError, r"truncated or corrupted"),
+    ("load_adapter", "newer format version", lambda: lily_ext.load_adapter(tiny_llama(), saved_adapter("newer")), AdapterLoadError, r"written by a newer lily_ext"),
+    ("load_adapter", "another base model", lambda: lily_ext.load_adapter(tiny_llama(hidden=32), saved_adapter()), AdapterLoadError, r"weight shape \[32, 32\], the adapter expects \[64, 64\]"),
+    ("load_adapter", "another architecture", lambda: lily_ext.load_adapter(tiny_bert(), saved_adapter()), AdapterLoadError, r"does not fit this base model"),
+    ("load_peft_adapter", "another base model", lambda: lily_ext.load_peft_adapter(tiny_llama(hidden=32), saved_peft_adapter()), AdapterLoadError, r"has shape \[4, 64\], expected \[4, 32\]"),
+    ("save_peft_adapter", "routing PEFT lacks", lambda: get_lily_model(tiny_llama(), LilyConfig(r=4, target_modules=["q_proj"], routing="token")).save_peft_adapter(Path(_SCRATCH.name) / "never"), ValueError, r"PEFT's Lily has batch routing only"),
     ("load_peft_adapter", "not a PEFT directory", lambda: lily_ext.load_peft_adapter(tiny_llama(), "/nonexistent"), AdapterLoadError, r"adapter_config.json: missing"),
     ("export_onnx", "unknown form", lambda: export_onnx(get_lily_model(tiny_bert(), LilyConfig(r=2, target_modules=["query"])), (), form="fused"), ValueError, r"form: expected one of"),
     ("export_onnx", "merged without static routing", lambda: export_onnx(get_lily_model(tiny_bert(), LilyConfig(r=2, target_modules=["query"])), (), form="merged"), ValueError, r"freeze_router"),
