@@ -110,6 +110,7 @@ def _quiet_exporter():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
             yield
     finally:
         registration.setLevel(level)
