@@ -9,9 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_TARGETS = {"bert": ["query", "value"]}
-
-
 class CliError(Exception):
     """An error the user can fix: printed as one line, exit status 2."""
 
@@ -79,7 +76,7 @@ def cmd_demo(args) -> int:
 
     from . import LilyConfig, get_lily_model
     from .data import DEMO_CATEGORIES, demo_dataset
-    from .deploy import export_and_check, format_table
+    from .deploy import export_and_check, format_table, model_inputs
     from .training import evaluate, load_base_classifier, train
 
     try:
@@ -117,7 +114,8 @@ def cmd_demo(args) -> int:
     print(f"adapter saved to {out / 'adapter'}: {checkpoint_bytes:,} bytes for {trainable_bytes:,} bytes of trainable "
           f"parameters ({checkpoint_bytes / trainable_bytes:.3f}x)")
 
-    calibration = [dict(_inputs(tokenizer, [t for t, _ in train_pairs[i : i + 32]], args.max_length)) for i in range(0, min(len(train_pairs), 256), 32)]
+    calibration = [model_inputs(tokenizer, [t for t, _ in train_pairs[i : i + 32]], args.max_length)
+                   for i in range(0, min(len(train_pairs), 256), 32)]
     check_texts = [t for t, _ in held_out[:12]]
     rows = export_and_check(model, tokenizer, out, ["an example request", "a second, longer example request"],
                             check_texts, calibration, max_length=args.max_length)
@@ -136,12 +134,6 @@ def cmd_demo(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nloss curve: {out / 'loss.png'}; summary: {out / 'summary.json'} ({summary['seconds']} s)")
     return 0
-
-
-def _inputs(tokenizer, texts, max_length):
-    from .deploy import model_inputs
-
-    return model_inputs(tokenizer, texts, max_length)
 
 
 # ---- train ---------------------------------------------------------------------------------------------------

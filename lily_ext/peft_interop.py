@@ -13,7 +13,6 @@ from torch import nn
 from ._atomic import atomic_directory
 from .checkpoint import AdapterLoadError, _assign, adapter_tensors
 from .config import LilyConfig
-from .layer import ModulesToSave
 from .model import LilyModel, _modules_to_save_paths, plan_adapter
 from .ops import routed_mix
 

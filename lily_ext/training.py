@@ -13,8 +13,7 @@ from torch import nn
 
 from ._atomic import atomic_directory
 from .checkpoint import load_adapter, write_adapter_files
-from .config import LilyConfig
-from .model import LilyModel, get_lily_model
+from .model import LilyModel
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "trainer_state.pt"
@@ -102,10 +101,6 @@ def resume_training(out_dir, base_model) -> tuple[LilyModel, dict, list[str]] | 
     state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
     labels = json.loads((path / LABELS_NAME).read_text())
     return model, state, labels
-
-
-def new_lily_model(base_model, config: LilyConfig) -> LilyModel:
-    return get_lily_model(base_model, config)
 
 
 def distributed_accelerator():

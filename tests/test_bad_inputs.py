@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from models import tiny_bert, tiny_llama

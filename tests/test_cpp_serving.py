@@ -1,14 +1,12 @@
 """Serving from C++: the example program (examples/cpp/serve_onnx.cpp) built against ONNX Runtime's
 C++ API and the pip wheel's libonnxruntime, running a custom-form model with liblily_ort.so."""
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
-import pytest
 import torch
 from models import tiny_bert
 

@@ -8,7 +8,6 @@ reading the bank once, or the GEMMs the math cannot avoid, whichever is larger.
 """
 
 import argparse
-import statistics
 import time
 
 import torch
