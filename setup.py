@@ -9,6 +9,7 @@ Environment:
   LILY_EXT_ORT=0|1        skip / require the ONNX Runtime custom-op library (default: built when
                           ORT C API headers are found or fetched, see lily_ext/_ort_build.py)
   ONNXRUNTIME_INCLUDE_DIR directory holding onnxruntime_c_api.h
+LILY_EXT_CUDA and TORCH_CUDA_ARCH_LIST also govern the ONNX Runtime library's CUDA EP kernels.
 """
 
 import glob
@@ -188,7 +189,9 @@ def with_ort_library(build_ext_class):
                 package_dirs = [os.path.join(self.build_lib, "lily_ext")]
                 if getattr(self, "editable_mode", False):
                     package_dirs.append(os.path.join(ROOT, "lily_ext"))
-            ort_build.build(ROOT, os.path.join(os.path.abspath(self.build_temp), "ort"), package_dirs)
+            # the CUDA EP kernels use the toolkit the torch extension would (LILY_EXT_CUDA=0: none)
+            ort_build.build(ROOT, os.path.join(os.path.abspath(self.build_temp), "ort"), package_dirs,
+                            cuda_home=find_cuda_home())
 
     return BuildExtWithOrt
 

@@ -5,12 +5,14 @@ import platform
 import torch
 
 from . import _library
+from .ort import library_record as _ort_library_record
 from .ort import library_status as _ort_library_status
 
 
 def build_info() -> dict:
     """Torch version, compiled CUDA kernels and archs, compiler versions, library paths."""
     ort_library, ort_reason = _ort_library_status()
+    ort_record = _ort_library_record()
     fields = dict(item.split("=", 1) for item in torch.ops.lily.build_info().split(";"))
     cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("lily::routed_mix", "CUDA")
     return {
@@ -25,4 +27,8 @@ def build_info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "onnxruntime_library": ort_library,  # liblily_ort.so, or None and the reason:
         "onnxruntime_library_reason": ort_reason,
+        # CUDA execution provider kernels in that library, or why not
+        "onnxruntime_library_cuda": bool(ort_library and ort_record.get("cuda")),
+        "onnxruntime_library_cuda_reason": None if ort_library and ort_record.get("cuda")
+        else (ort_record.get("cuda_reason") or ort_reason or "not recorded by the build"),
     }

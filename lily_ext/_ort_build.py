@@ -19,8 +19,15 @@ ONNX Runtime's Python wheels ship no C headers. They are looked for, in order:
 When none works the package is built without the ORT library, and
 ``lily_ext.build_info()["onnxruntime_library_reason"]`` says why.
 
+CUDA execution provider kernels go into the same library when a CUDA toolkit with nvcc is found
+(setup.py passes the one it found): the csrc/cuda kernels for ``TORCH_CUDA_ARCH_LIST`` (default
+9.0), cuBLAS from the toolkit or else from the nvidia pip wheels (their directories are passed to
+CMake as ``LILY_CUDA_LIBRARY_HINTS``). When that part fails to build, the library is built again
+without it (CPU EP only) and ``build_info()["onnxruntime_library_cuda_reason"]`` says why.
+
 Environment: ``LILY_EXT_ORT=0`` skips the library, ``LILY_EXT_ORT=1`` makes its absence a build
-error; ``LILY_EXT_ORT_FETCH=0`` skips the network step (4).
+error; ``LILY_EXT_ORT_FETCH=0`` skips the network step (4). ``LILY_EXT_CUDA=0`` leaves the CUDA
+kernels out, ``LILY_EXT_CUDA=1`` makes their absence a build error.
 """
 
 from __future__ import annotations
@@ -263,13 +270,67 @@ def find_headers(fetch=None):
                    f"{cache_root()}); {note}")
 
 
-def cmake_build(source_dir, build_dir, include_dir):
+def cmake_cuda_archs(arch_list):
+    """``TORCH_CUDA_ARCH_LIST`` ("8.0;9.0", "8.6 9.0a+PTX") as ``CMAKE_CUDA_ARCHITECTURES`` ("80;90",
+    "86;90a"; each with its PTX); "" gives the default 90. ValueError for what it cannot read."""
+    archs = []
+    for item in re.split(r"[;,\s]+", arch_list.strip()):
+        if not item:
+            continue
+        match = re.fullmatch(r"(\d+)\.(\d)([a-z]?)(\+PTX)?", item, re.I)
+        if match is None:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST={arch_list!r}: cannot read {item!r} (expected e.g. 8.0, 9.0a, 8.6+PTX)")
+        arch = match.group(1) + match.group(2) + match.group(3).lower()
+        if arch not in archs:
+            archs.append(arch)
+    return ";".join(archs) or "90"
+
+
+def nvidia_wheel_dirs():
+    """Folders of the nvidia-* pip wheels (site-packages/nvidia/cu13, .../cublas) that hold cuBLAS."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    found = []
+    for root in roots:
+        for d in sorted(glob.glob(os.path.join(root, "*"))):
+            if os.path.isfile(os.path.join(d, "include", "cublas_v2.h")) or glob.glob(os.path.join(d, "lib", "libcublas.so*")):
+                found.append(d)
+    return found
+
+
+def cuda_plan(cuda_home):
+    """CMake arguments for the CUDA EP kernels: (args, None) to build them, or (args turning them
+    off, why). ``cuda_home``: the toolkit setup.py found (None: none)."""
+    off = ["-DLILY_ORT_CUDA=OFF"]
+    if os.environ.get("LILY_EXT_CUDA", "").strip() == "0":
+        return off, "disabled by LILY_EXT_CUDA=0 at build time"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    if nvcc is None or not os.path.isfile(nvcc):
+        return off, f"no CUDA toolkit with nvcc found ({'CUDA_HOME unset' if not cuda_home else nvcc + ' missing'})"
+    try:
+        archs = cmake_cuda_archs(os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
+    except ValueError as exc:
+        return off, str(exc)
+    args = ["-DLILY_ORT_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDAToolkit_ROOT={cuda_home}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
+    hints = nvidia_wheel_dirs()
+    if hints:
+        args.append("-DLILY_CUDA_LIBRARY_HINTS=" + ";".join(hints))
+    return args, None
+
+
+def cmake_build(source_dir, build_dir, include_dir, extra_args=()):
     """Configures and builds the CMake project; returns the path of the built library."""
     cmake = shutil.which("cmake")
     if cmake is None:
         raise RuntimeError("cmake not found on PATH (pip install cmake)")
     configure = [cmake, "-S", source_dir, "-B", build_dir, f"-DONNXRUNTIME_INCLUDE_DIR={include_dir}",
-                 "-DCMAKE_BUILD_TYPE=Release"]
+                 "-DCMAKE_BUILD_TYPE=Release", *extra_args]
     cache = os.path.join(build_dir, "CMakeCache.txt")
     if shutil.which("ninja") and not os.path.exists(cache):
         configure += ["-G", "Ninja"]
@@ -285,15 +346,42 @@ def cmake_build(source_dir, build_dir, include_dir):
     return library
 
 
-def build(source_dir, build_dir, package_dirs):
+def _build_with_cuda(source_dir, build_dir, include_dir, cuda_home, record):
+    """cmake_build with the CUDA EP kernels when possible, else without; fills record["cuda*"]."""
+    cuda_args, why_not = cuda_plan(cuda_home)
+    required = os.environ.get("LILY_EXT_CUDA", "").strip() == "1"
+    if why_not is None:
+        try:
+            built = cmake_build(source_dir, build_dir, include_dir, cuda_args)
+            record["cuda"] = True
+            record["cuda_archs"] = next(a.split("=", 1)[1] for a in cuda_args if a.startswith("-DCMAKE_CUDA_ARCHITECTURES="))
+            log(f"{LIBRARY_NAME}: CUDA execution provider kernels built (archs {record['cuda_archs']})")
+            return built
+        except RuntimeError as exc:
+            why_not = f"building the CUDA kernels failed: {exc}"
+            if required:
+                raise SystemExit(f"LILY_EXT_CUDA=1 but {LIBRARY_NAME}'s {why_not}") from exc
+            log(f"{LIBRARY_NAME}: {why_not[:2000]}\nlily_ext: building {LIBRARY_NAME} again without CUDA")
+            build_dir += "-cpu"  # a clean configure, untouched by the failed CUDA one
+    elif required and "LILY_EXT_CUDA=0" not in why_not:
+        raise SystemExit(f"LILY_EXT_CUDA=1 but {LIBRARY_NAME} cannot have CUDA kernels: {why_not}")
+    record["cuda_reason"] = why_not
+    log(f"{LIBRARY_NAME}: CPU execution provider only ({why_not[:300]})")
+    return cmake_build(source_dir, build_dir, include_dir, ["-DLILY_ORT_CUDA=OFF"])
+
+
+def build(source_dir, build_dir, package_dirs, cuda_home=None):
     """Builds liblily_ort.so into every directory of package_dirs (or records why not).
 
-    Returns the record written next to it as RECORD_NAME: {"library", "reason", "headers", "api_version"}.
+    ``cuda_home``: the CUDA toolkit to build the CUDA EP kernels with (None: none found).
+    Returns the record written next to it as RECORD_NAME: {"library", "reason", "headers",
+    "api_version", "cuda", "cuda_reason", "cuda_archs"}.
     """
     wanted = os.environ.get("LILY_EXT_ORT", "").strip()
     if wanted not in ("", "0", "1"):
         raise SystemExit(f"LILY_EXT_ORT must be 0 or 1, got {wanted!r}")
-    record = {"library": None, "reason": None, "headers": None, "api_version": None}
+    record = {"library": None, "reason": None, "headers": None, "api_version": None, "cuda": False,
+              "cuda_reason": None, "cuda_archs": None}
     if wanted == "0":
         record["reason"] = "disabled by LILY_EXT_ORT=0 at build time"
     else:
@@ -305,10 +393,11 @@ def build(source_dir, build_dir, package_dirs):
             record["api_version"] = api_version(headers.include_dir)
             log(f"ONNX Runtime headers: {headers.source} (C API {record['api_version']})")
             try:
-                built = cmake_build(source_dir, build_dir, headers.include_dir)
+                built = _build_with_cuda(source_dir, build_dir, headers.include_dir, cuda_home, record)
                 record["library"] = LIBRARY_NAME
             except RuntimeError as exc:
                 record["reason"] = f"building {LIBRARY_NAME} failed: {exc}"
+                record["cuda"] = False
     if record["library"] is None:
         message = f"ONNX Runtime library NOT built: {record['reason']}"
         if wanted == "1":

@@ -2,11 +2,13 @@
 
 ``liblily_ort.so`` (built by ``pip install`` when ONNX Runtime C API headers are found, see
 ``lily_ext/_ort_build.py``) registers domain ``lily``, op ``RoutedMix`` (opset 1) for the CPU
-execution provider: inputs ``hidden [..., r]``, ``router [E, r]`` (``theta [E]`` for mode
+execution provider and, when built with CUDA (``library_has_cuda()``), for the CUDA execution
+provider (``providers=["CUDAExecutionProvider", "CPUExecutionProvider"]``): inputs ``hidden [..., r]``, ``router [E, r]`` (``theta [E]`` for mode
 ``static``), ``bank [E, r, out]``, optional ``mask`` (mode ``sequence``, shape
 ``hidden.shape[:-1]``, any bool/int/float type, nonzero counts); attributes ``scaling`` (float,
 default 1.0) and ``mode`` (string, default ``"batch"``); output ``delta [..., out]`` with hidden's
-type (float32, float64, float16, bfloat16; half precision is computed in float32).
+type (float32, float64, float16, bfloat16; half precision is computed in float32). The CUDA kernels
+run ORT's compute stream and are the ones the torch op uses on CUDA (forward only; E <= 256).
 
 The library links neither torch nor Python nor ONNX Runtime: any process with onnxruntime can
 register it by path (``SessionOptions.register_custom_ops_library(ort_library_path())``).
@@ -17,11 +19,23 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["ort_library_path", "ort_session", "library_status"]
+__all__ = ["ort_library_path", "ort_session", "library_status", "library_record", "library_has_cuda"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 LIBRARY_NAME = "liblily_ort.so"
 _RECORD = os.path.join(_PACKAGE_DIR, "_ort_build.json")  # written by the build (lily_ext/_ort_build.py)
+
+
+def library_record() -> dict:
+    """What the build recorded about the library (lily_ext/_ort_build.py): ``library``, ``reason``,
+    ``headers``, ``api_version``, ``cuda`` (CUDA execution provider kernels compiled in),
+    ``cuda_reason`` (why not), ``cuda_archs``; {} when there is no record."""
+    try:
+        with open(_RECORD, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def library_status() -> tuple[str | None, str | None]:
@@ -29,15 +43,16 @@ def library_status() -> tuple[str | None, str | None]:
     path = os.path.join(_PACKAGE_DIR, LIBRARY_NAME)
     if os.path.isfile(path):
         return path, None
-    try:
-        with open(_RECORD, encoding="utf-8") as f:
-            reason = json.load(f).get("reason")
-    except (OSError, ValueError):
-        reason = None
+    reason = library_record().get("reason")
     return None, reason or (
         f"{LIBRARY_NAME} is not in {_PACKAGE_DIR} and the build left no record of why "
         "(was the package built by this version of setup.py?)"
     )
+
+
+def library_has_cuda() -> bool:
+    """Whether the built library has CUDA execution provider kernels (it registers them only then)."""
+    return library_status()[0] is not None and bool(library_record().get("cuda"))
 
 
 def ort_library_path() -> str:

@@ -6,7 +6,9 @@
 #   bash scripts/gpu_check.sh
 #
 # Logs go to $OUT (if set) or ./gpu_check_out: env.txt, build.log, ptxas.md,
-# tests.log, bench_ops.log, bench_cuda.log, bench_cuda.json, summary.md.
+# tests.log, ort_cuda_tests.log, bench_ort_cuda.log, bench_ops.log, bench_cuda.log,
+# bench_cuda.json, summary.md. The ONNX Runtime CUDA EP stages need onnxruntime-gpu
+# and pytest (their tests skip, saying why, otherwise).
 # The summary (stages, test counts, ptxas table, benchmark tables) is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +88,15 @@ if ((BUILD_OK)); then
   TEST_SUMMARY=$(grep -E "(passed|failed|skipped|error)" "$OUT_DIR/tests.log" | tail -n 1)
   grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests.log" | head -n 30 >"$OUT_DIR/tests_failed.txt"
 
+  # ONNX Runtime CUDA EP: lily.RoutedMix through liblily_ort.so, then its latency (IO binding)
+  ORT_TEST_SUMMARY="not run (needs pytest)"
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    stage ort_cuda_tests 120 "$OUT_DIR/ort_cuda_tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ort_cuda.py
+    ORT_TEST_SUMMARY=$(grep -E "(passed|failed|skipped|error)" "$OUT_DIR/ort_cuda_tests.log" | tail -n 1)
+    grep -E "^(FAILED|ERROR)" "$OUT_DIR/ort_cuda_tests.log" | head -n 30 >>"$OUT_DIR/tests_failed.txt"
+  fi
+  stage bench_ort_cuda 40 "$OUT_DIR/bench_ort_cuda.log" "$PY" benchmarks/bench_ort_op.py --provider cuda --quick
+
   # 3. benchmarks
   stage bench_ops 60 "$OUT_DIR/bench_ops.log" "$PY" benchmarks/bench_ops.py --device cuda --quick
   stage bench_cuda 170 "$OUT_DIR/bench_cuda.log" "$PY" benchmarks/bench_cuda.py --budget 0.2 --json "$OUT_DIR/bench_cuda.json"
@@ -102,6 +113,7 @@ fi
   printf '%s\n' "${STAGES[@]}"
   echo
   echo "tests: $TEST_SUMMARY"
+  echo "ONNX Runtime CUDA EP tests: ${ORT_TEST_SUMMARY:-not run}"
   if [ -s "$OUT_DIR/tests_failed.txt" ]; then
     echo
     cat "$OUT_DIR/tests_failed.txt"
@@ -112,6 +124,12 @@ fi
   # float and bfloat16 instances (all four dtypes, with spill columns, are in ptxas.md)
   grep -E "^\|(---| kernel \|| [a-z_]+_kernel<(float|bf16))" "$OUT_DIR/ptxas.md" | head -n 50
   tail -n 1 "$OUT_DIR/ptxas.md"
+  if [ -s "$OUT_DIR/bench_ort_cuda.log" ]; then
+    echo
+    echo "## bench_ort_op.py --provider cuda --quick"
+    echo
+    grep -E "^(\||onnxruntime|skipped)" "$OUT_DIR/bench_ort_cuda.log" || tail -n 5 "$OUT_DIR/bench_ort_cuda.log"
+  fi
   if [ -s "$OUT_DIR/bench_ops.log" ]; then
     echo
     echo "## bench_ops.py --device cuda --quick"

@@ -90,3 +90,118 @@ def test_missing_library_error_carries_the_build_reason(monkeypatch, tmp_path):
     (tmp_path / _ort_build.RECORD_NAME).write_text(json.dumps({"library": None, "reason": "no headers anywhere"}))
     with pytest.raises(FileNotFoundError, match="is not built: no headers anywhere"):
         ort.ort_library_path()
+
+
+# ---- the CUDA execution provider part ----
+
+
+def test_cmake_cuda_archs():
+    assert _ort_build.cmake_cuda_archs("") == "90"
+    assert _ort_build.cmake_cuda_archs("9.0") == "90"
+    assert _ort_build.cmake_cuda_archs("8.0;8.6 9.0a+PTX,8.0") == "80;86;90a"
+    with pytest.raises(ValueError, match="cannot read 'Ampere'"):
+        _ort_build.cmake_cuda_archs("8.0;Ampere")
+
+
+def fake_toolkit(root):
+    os.makedirs(os.path.join(root, "bin"), exist_ok=True)
+    with open(os.path.join(root, "bin", "nvcc"), "w") as f:
+        f.write("#!/bin/sh\n")
+    return str(root)
+
+
+def test_cuda_plan(isolated, monkeypatch):
+    for var in ("LILY_EXT_CUDA", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_ort_build, "nvidia_wheel_dirs", lambda: ["/wheels/cu13"])
+    home = fake_toolkit(isolated / "cuda")
+    args, why_not = _ort_build.cuda_plan(home)
+    assert why_not is None
+    assert "-DLILY_ORT_CUDA=ON" in args and "-DCMAKE_CUDA_ARCHITECTURES=90" in args
+    assert f"-DCMAKE_CUDA_COMPILER={os.path.join(home, 'bin', 'nvcc')}" in args
+    assert "-DLILY_CUDA_LIBRARY_HINTS=/wheels/cu13" in args
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert "-DCMAKE_CUDA_ARCHITECTURES=80;90" in _ort_build.cuda_plan(home)[0]
+    off = ["-DLILY_ORT_CUDA=OFF"]
+    assert _ort_build.cuda_plan(None) == (off, "no CUDA toolkit with nvcc found (CUDA_HOME unset)")
+    assert "nvcc missing" in _ort_build.cuda_plan(str(isolated))[1]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Hopper")
+    assert "cannot read 'Hopper'" in _ort_build.cuda_plan(home)[1]
+    monkeypatch.setenv("LILY_EXT_CUDA", "0")
+    assert _ort_build.cuda_plan(home) == (off, "disabled by LILY_EXT_CUDA=0 at build time")
+
+
+@pytest.fixture
+def fake_cmake(isolated, monkeypatch):
+    """Header discovery finds fake headers; cmake_build records its calls and fails CUDA builds when told."""
+    monkeypatch.setenv("ONNXRUNTIME_INCLUDE_DIR", fake_headers(isolated / "headers"))
+    monkeypatch.delenv("LILY_EXT_CUDA", raising=False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_ort_build, "nvidia_wheel_dirs", lambda: [])
+    calls, state = [], {"cuda_fails": False}
+
+    def cmake_build(source_dir, build_dir, include_dir, extra_args=()):
+        calls.append((build_dir, list(extra_args)))
+        if state["cuda_fails"] and "-DLILY_ORT_CUDA=ON" in extra_args:
+            raise RuntimeError("nvcc exploded")
+        os.makedirs(build_dir, exist_ok=True)
+        library = os.path.join(build_dir, _ort_build.LIBRARY_NAME)
+        with open(library, "wb") as f:
+            f.write(b"\x7fELF")
+        return library
+
+    monkeypatch.setattr(_ort_build, "cmake_build", cmake_build)
+    return calls, state
+
+
+def test_build_records_cuda_kernels(isolated, fake_cmake):
+    calls, _ = fake_cmake
+    record = _ort_build.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")],
+                              cuda_home=fake_toolkit(isolated / "cuda"))
+    assert record["library"] == _ort_build.LIBRARY_NAME
+    assert record["cuda"] is True and record["cuda_reason"] is None and record["cuda_archs"] == "90"
+    assert len(calls) == 1 and "-DLILY_ORT_CUDA=ON" in calls[0][1]
+
+
+def test_build_falls_back_to_cpu_only_when_the_cuda_part_fails(isolated, fake_cmake):
+    calls, state = fake_cmake
+    state["cuda_fails"] = True
+    record = _ort_build.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")],
+                              cuda_home=fake_toolkit(isolated / "cuda"))
+    assert record["library"] == _ort_build.LIBRARY_NAME and record["reason"] is None
+    assert record["cuda"] is False and "building the CUDA kernels failed: nvcc exploded" in record["cuda_reason"]
+    assert [args for _, args in calls] == [calls[0][1], ["-DLILY_ORT_CUDA=OFF"]]
+    assert calls[1][0] != calls[0][0], "the CPU-only retry configures a fresh build directory"
+    assert (isolated / "pkg" / _ort_build.LIBRARY_NAME).exists()
+
+
+def test_build_without_cuda(isolated, fake_cmake, monkeypatch):
+    calls, _ = fake_cmake
+    record = _ort_build.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")], cuda_home=None)
+    assert record["cuda"] is False and "no CUDA toolkit" in record["cuda_reason"]
+    monkeypatch.setenv("LILY_EXT_CUDA", "0")
+    record = _ort_build.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")],
+                              cuda_home=fake_toolkit(isolated / "cuda"))
+    assert record["cuda"] is False and record["cuda_reason"] == "disabled by LILY_EXT_CUDA=0 at build time"
+    assert all(args == ["-DLILY_ORT_CUDA=OFF"] for _, args in calls)
+
+
+def test_build_with_cuda_required(isolated, fake_cmake, monkeypatch):
+    _, state = fake_cmake
+    monkeypatch.setenv("LILY_EXT_CUDA", "1")
+    with pytest.raises(SystemExit, match="LILY_EXT_CUDA=1 but liblily_ort.so cannot have CUDA kernels"):
+        _ort_build.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")], cuda_home=None)
+    state["cuda_fails"] = True
+    with pytest.raises(SystemExit, match="LILY_EXT_CUDA=1 but liblily_ort.so's building the CUDA kernels failed"):
+        _ort_build.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")],
+                         cuda_home=fake_toolkit(isolated / "cuda"))
+
+
+def test_library_record_and_cuda_flag(monkeypatch, tmp_path):
+    monkeypatch.setattr(ort, "_PACKAGE_DIR", str(tmp_path))
+    monkeypatch.setattr(ort, "_RECORD", str(tmp_path / _ort_build.RECORD_NAME))
+    assert ort.library_record() == {} and ort.library_has_cuda() is False
+    (tmp_path / _ort_build.RECORD_NAME).write_text(json.dumps({"library": "liblily_ort.so", "cuda": True}))
+    assert ort.library_has_cuda() is False, "no library file: no CUDA kernels either"
+    (tmp_path / _ort_build.LIBRARY_NAME).write_bytes(b"\x7fELF")
+    assert ort.library_has_cuda() is True

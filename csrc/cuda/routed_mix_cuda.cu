@@ -473,6 +473,19 @@ size_t forward_workspace_bytes(const MixShape& s, DType dtype) {
   return 0;
 }
 
+size_t forward_blas_workspace_bytes(const MixShape& s, DType dtype) {
+  ForwardPath path = ForwardPath::kEmpty;
+  switch (dtype) {
+    case DType::kFloat32: path = plan_forward<float>(s, nullptr).path; break;
+    case DType::kFloat64: path = plan_forward<double>(s, nullptr).path; break;
+    case DType::kFloat16: path = plan_forward<__half>(s, nullptr).path; break;
+    case DType::kBFloat16: path = plan_forward<__nv_bfloat16>(s, nullptr).path; break;
+  }
+  if (path != ForwardPath::kGrouped && path != ForwardPath::kPerRowGemm) return 0;
+  // cuBLAS's recommended workspace: 32 MiB on Hopper and later, 4 MiB before.
+  return current_cc() >= 90 ? size_t(32) << 20 : size_t(4) << 20;
+}
+
 size_t backward_workspace_bytes(const MixShape& s, DType dtype) {
   switch (dtype) {
     case DType::kFloat32: return plan_backward<float>(s, nullptr).bytes;

@@ -39,6 +39,13 @@ constexpr int64_t kMaxExperts = 256;
 size_t forward_workspace_bytes(const MixShape& shape, DType dtype);
 size_t backward_workspace_bytes(const MixShape& shape, DType dtype);
 
+// Bytes of cuBLAS workspace a caller that owns its cuBLAS handle should bind to
+// it (cublasSetWorkspace, after cublasSetStream) for a forward call of this
+// shape: 0 when the call makes no cuBLAS call at all (then `blas` may be null),
+// else NVIDIA's recommended size for the current device. Same dependencies as
+// forward_workspace_bytes.
+size_t forward_blas_workspace_bytes(const MixShape& shape, DType dtype);
+
 std::string routed_mix_forward(const MixShape& shape, DType dtype, double scaling, const void* hidden,
                                const void* router, const void* bank, const uint8_t* mask, void* delta,
                                void* workspace, size_t workspace_bytes, cudaStream_t stream,
@@ -49,6 +56,14 @@ std::string routed_mix_backward(const MixShape& shape, DType dtype, double scali
                                 const uint8_t* mask, void* dhidden, void* drouter, void* dbank,
                                 void* workspace, size_t workspace_bytes, cudaStream_t stream,
                                 cublasHandle_t blas);
+
+// A mask of any element type as the byte mask the calls above take:
+// dst[i] = 1 where the i-th of n elements at src (elem_bytes = 1, 2, 4 or 8
+// each) is nonzero, else 0. float_bits: the elements are IEEE floats (float16,
+// bfloat16, float32, float64) whose sign bit is ignored, so -0.0 counts as zero
+// and NaN as nonzero (torch's mask != 0). Asynchronous on `stream`.
+std::string mask_to_bytes(const void* src, int64_t n, int elem_bytes, bool float_bits, uint8_t* dst,
+                          cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lily

@@ -1,6 +1,9 @@
 // Entry point of liblily_ort.so: ONNX Runtime calls RegisterCustomOps when a
 // session registers the library (SessionOptions.register_custom_ops_library
-// in Python, RegisterCustomOpsLibrary in C). It adds the `lily` domain.
+// in Python, RegisterCustomOpsLibrary in C). It adds the `lily` domain: the
+// CPU execution provider's kernels and, when the library is built with CUDA
+// (LILY_ORT_WITH_CUDA), the CUDA execution provider's. A session without the
+// CUDA EP simply never picks the latter.
 //
 // The library is compiled against the C API headers of some ORT release and
 // may run under a newer or older one: it asks the runtime for the newest API
@@ -21,16 +24,26 @@ namespace {
 constexpr uint32_t kMinApiVersion = 16;
 // KernelContext_ParallelFor (ORT's intra-op thread pool) needs C API 17.
 constexpr uint32_t kThreadPoolApiVersion = 17;
+// The CUDA kernel takes its device scratch from KernelContext_GetScratchBuffer
+// (C API 18); older runtimes get the CPU kernels only.
+constexpr uint32_t kCudaApiVersion = 18;
 
 constexpr ONNXTensorElementDataType kTypes[] = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16};
 constexpr size_t kNumTypes = sizeof(kTypes) / sizeof(kTypes[0]);
 
+#ifdef LILY_ORT_WITH_CUDA
+constexpr size_t kMaxOps = 2 * kNumTypes;
+#else
+constexpr size_t kMaxOps = kNumTypes;
+#endif
+
 struct Library {
   const OrtApi* api = nullptr;
   uint32_t api_version = 0;
-  RoutedMixOp ops[kNumTypes];
+  RoutedMixOp ops[kMaxOps];
+  size_t num_ops = 0;
   OrtCustomOpDomain* domain = nullptr;
 };
 
@@ -64,9 +77,17 @@ OrtStatus* create_library(const OrtApiBase* base, Library** out) {
   lib->api = api;
   lib->api_version = version;
   for (size_t i = 0; i < kNumTypes; ++i)
-    init_routed_mix_op(&lib->ops[i], kTypes[i], version, version >= kThreadPoolApiVersion);
+    init_routed_mix_op(&lib->ops[lib->num_ops++], kTypes[i], version, "CPUExecutionProvider", compute_routed_mix_cpu,
+                       version >= kThreadPoolApiVersion);
+#ifdef LILY_ORT_WITH_CUDA
+  if (version >= kCudaApiVersion)
+    for (size_t i = 0; i < kNumTypes; ++i)
+      init_routed_mix_op(&lib->ops[lib->num_ops++], kTypes[i], version, "CUDAExecutionProvider",
+                         compute_routed_mix_cuda, false);
+#endif
   OrtStatus* status = api->CreateCustomOpDomain("lily", &lib->domain);
-  for (size_t i = 0; i < kNumTypes && status == nullptr; ++i) status = api->CustomOpDomain_Add(lib->domain, &lib->ops[i]);
+  for (size_t i = 0; i < lib->num_ops && status == nullptr; ++i)
+    status = api->CustomOpDomain_Add(lib->domain, &lib->ops[i]);
   if (status != nullptr) {
     if (lib->domain) api->ReleaseCustomOpDomain(lib->domain);
     delete lib;

@@ -1,6 +1,10 @@
-"""lily.RoutedMix in ONNX Runtime (CPU EP) vs the same math written with standard ONNX ops.
+"""lily.RoutedMix in ONNX Runtime vs the same math written with standard ONNX ops.
 
-    lily-ext bench ort_op   (or: python benchmarks/bench_ort_op.py) [--threads N] [--quick]
+    lily-ext bench ort_op   (or: python benchmarks/bench_ort_op.py) [--threads N] [--quick] [--provider cuda]
+
+``--provider cuda`` runs both graphs on the CUDA execution provider (RoutedMix pinned to it) with
+the input and output left in GPU memory (IO binding), so the times are the GPU work plus ORT's
+launch overhead, not host copies.
 
 Batch mode, r=128 E=4 out=1024, router and bank stored as initializers (weights), hidden [N, r]
 fed per run. The standard-op graph is the decomposed form an exporter emits without the custom
@@ -65,37 +69,79 @@ def graphs(router, bank):
     return models
 
 
-def median_us(session, feeds, budget_s):
+def median_us(session, feeds, budget_s, device=False):
+    """Median microseconds per run; device: hidden and delta stay in CUDA memory (IO binding)."""
+    if device:
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("hidden", ort.OrtValue.ortvalue_from_numpy(feeds["hidden"], "cuda", 0))
+        binding.bind_output("delta", "cuda")
+
+        def run():
+            session.run_with_iobinding(binding)  # returns once the EP's stream is done
+    else:
+
+        def run():
+            session.run(None, feeds)
+
     for _ in range(3):
-        session.run(None, feeds)
+        run()
     t0 = time.perf_counter()
-    session.run(None, feeds)
+    run()
     probe = time.perf_counter() - t0
     samples = []
     for _ in range(int(min(max(budget_s / max(probe, 1e-7), 10), 2000))):
         t0 = time.perf_counter()
-        session.run(None, feeds)
+        run()
         samples.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(samples)
+
+
+def cuda_sessions(custom_bytes, standard_bytes):
+    """Both graphs on the CUDA EP, or (None, why not)."""
+    from lily_ext.ort import library_has_cuda, library_record
+
+    if not library_has_cuda():
+        return None, f"liblily_ort.so has no CUDA EP kernels: {library_record().get('cuda_reason')}"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None, f"onnxruntime {ort.__version__} offers no CUDAExecutionProvider"
+    pinned = ort.SessionOptions()
+    pinned.register_custom_ops_library(lily_ext.ort_library_path())
+    pinned.add_session_config_entry("session.disable_cpu_ep_fallback", "1")  # RoutedMix on the GPU or no session
+    try:
+        custom = ort.InferenceSession(custom_bytes, sess_options=pinned, providers=["CUDAExecutionProvider"])
+    except Exception as exc:  # no usable GPU / CUDA EP: ORT says why
+        return None, f"no CUDA EP session: {str(exc).strip()[-300:]}"
+    standard = ort.InferenceSession(standard_bytes, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return (custom, standard), None
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT's default)")
     parser.add_argument("--quick", action="store_true", help="shorter timing budget")
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="execution provider")
     args = parser.parse_args(argv)
     budget = 0.3 if args.quick else 1.5
     rng = np.random.default_rng(0)
     router = rng.standard_normal((E, R), dtype=np.float32)
     bank = (rng.standard_normal((E, R, OUT), dtype=np.float32) / R**0.5).astype(np.float32)
     custom_bytes, standard_bytes = graphs(router, bank)
-    options = {"intra_op_num_threads": args.threads}
-    custom = lily_ext.ort_session(custom_bytes, **options)
-    plain = ort.SessionOptions()
-    plain.intra_op_num_threads = args.threads
-    standard = ort.InferenceSession(standard_bytes, sess_options=plain, providers=["CPUExecutionProvider"])
-    print(f"onnxruntime {ort.__version__}, CPU EP, intra_op_num_threads={args.threads or 'default'}, "
-          f"batch mode, r={R} E={E} out={OUT}; median us per run")
+    device = args.provider == "cuda"
+    if device:
+        sessions, why_not = cuda_sessions(custom_bytes, standard_bytes)
+        if sessions is None:
+            print(f"skipped: {why_not}")
+            return
+        custom, standard = sessions
+        where = "CUDA EP (IO binding, data on the GPU)"
+    else:
+        options = {"intra_op_num_threads": args.threads}
+        custom = lily_ext.ort_session(custom_bytes, **options)
+        plain = ort.SessionOptions()
+        plain.intra_op_num_threads = args.threads
+        standard = ort.InferenceSession(standard_bytes, sess_options=plain, providers=["CPUExecutionProvider"])
+        where = f"CPU EP, intra_op_num_threads={args.threads or 'default'}"
+    print(f"onnxruntime {ort.__version__}, {where}, batch mode, r={R} E={E} out={OUT}; median us per run")
     print()
     print("| N | standard ONNX ops us | lily.RoutedMix us | speedup |")
     print("|---:|---:|---:|---:|")
@@ -104,7 +150,7 @@ def main(argv=None):
         a, b = standard.run(None, feeds)[0], custom.run(None, feeds)[0]
         err = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
         assert err < 1e-4, f"the two graphs disagree at N={N}: relative error {err:.2e}"
-        t_std, t_custom = median_us(standard, feeds, budget), median_us(custom, feeds, budget)
+        t_std, t_custom = median_us(standard, feeds, budget, device), median_us(custom, feeds, budget, device)
         print(f"| {N} | {t_std:.1f} | {t_custom:.1f} | {t_std / t_custom:.2f}x |")
 
 

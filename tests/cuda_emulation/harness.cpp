@@ -229,6 +229,8 @@ bool run_case(const Case& c, double tol) {
                                                      delta.data(), ws_f.data(), ws_f.size, nullptr,
                                                      reinterpret_cast<cublasHandle_t>(0x1));
   const int64_t fwd_launches = emu_launch_count() - launches0, fwd_gemms = emu_gemm_count() - gemms0;
+  // callers that own their cuBLAS handle bind a workspace exactly when the forward uses cuBLAS
+  const bool blas_ws_ok = (lily::cuda::forward_blas_workspace_bytes(s, dtype_of<T>()) > 0) == (fwd_gemms > 0);
   Buffer dh(static_cast<size_t>(N * r) * sizeof(T)), dR(router.size() * sizeof(T)), dB(bank.size() * sizeof(T));
   Buffer ws_b(lily::cuda::backward_workspace_bytes(s, dtype_of<T>()));
   if (error.empty())
@@ -249,12 +251,68 @@ bool run_case(const Case& c, double tol) {
   const double e_dB = rel_err(download<T>(dB, ref_dB.size()), ref_dB);
   const bool guards = delta.guard_ok() && dh.guard_ok() && dR.guard_ok() && dB.guard_ok() && ws_f.guard_ok() &&
                       ws_b.guard_ok() && h.guard_ok() && R.guard_ok() && B.guard_ok() && G.guard_ok();
-  const bool ok = e_fwd <= tol && e_dh <= 4 * tol && e_dR <= 4 * tol && e_dB <= 4 * tol && guards;
+  const bool ok = e_fwd <= tol && e_dh <= 4 * tol && e_dR <= 4 * tol && e_dB <= 4 * tol && guards && blas_ws_ok;
   std::printf("%s %-9s %-60s fwd %.1e dh %.1e dR %.1e dB %.1e | ws %zu/%zu B | launches %lld+%lld gemms %lld+%lld%s\n",
               ok ? "ok  " : "FAIL", dtype_name<T>(), describe(c).c_str(), e_fwd, e_dh, e_dR, e_dB, ws_f.size,
               ws_b.size, (long long)fwd_launches, (long long)bwd_launches, (long long)fwd_gemms, (long long)bwd_gemms,
               guards ? "" : " GUARD BYTES OVERWRITTEN");
+  if (!blas_ws_ok) std::printf("     forward_blas_workspace_bytes disagrees with the cuBLAS calls made\n");
   return ok;
+}
+
+// mask_to_bytes over every element width, with the float edge values (-0.0, NaN, subnormals).
+template <typename U>
+bool run_mask_case(const char* name, const std::vector<U>& values, bool float_bits, const std::vector<uint8_t>& want) {
+  Buffer src(values.size() * sizeof(U)), dst(values.size());
+  std::memcpy(src.bytes.data(), values.data(), values.size() * sizeof(U));
+  const std::string error = lily::cuda::mask_to_bytes(src.data(), static_cast<int64_t>(values.size()), sizeof(U),
+                                                      float_bits, static_cast<uint8_t*>(dst.data()), nullptr);
+  bool ok = error.empty() && dst.guard_ok() && src.guard_ok();
+  for (size_t i = 0; ok && i < want.size(); ++i) ok = dst.bytes[i] == want[i];
+  std::printf("%s mask_to_bytes %-8s %zu elements%s%s\n", ok ? "ok  " : "FAIL", name, values.size(),
+              error.empty() ? "" : ": ", error.c_str());
+  return ok;
+}
+
+template <typename F, typename U>
+std::vector<U> bits_of(const std::vector<F>& v) {
+  std::vector<U> out(v.size());
+  std::memcpy(out.data(), v.data(), v.size() * sizeof(U));
+  return out;
+}
+
+int run_mask_cases() {
+  int failures = 0;
+  const std::vector<uint8_t> want{0, 1, 1, 0, 1, 1};
+  failures += !run_mask_case<uint8_t>("bool", {0, 1, 1, 0, 1, 1}, false, want);
+  failures += !run_mask_case<uint8_t>("int8", {0, 1, 0xff, 0, 0x80, 2}, false, want);
+  failures += !run_mask_case<uint16_t>("int16", {0, 1, 0xffff, 0, 0x8000, 2}, false, want);
+  failures += !run_mask_case<uint32_t>("int32", {0, 1, 0xffffffffu, 0, 0x80000000u, 2}, false, want);
+  failures += !run_mask_case<unsigned long long>("int64", {0, 1, ~0ull, 0, 1ull << 63, 1ull << 40}, false, want);
+  const float nan = std::nanf("");
+  failures += !run_mask_case<uint32_t>("float32", bits_of<float, uint32_t>({0.f, 1.f, nan, -0.f, -2.f, 1e-45f}),
+                                       true, want);
+  failures += !run_mask_case<unsigned long long>(
+      "float64", bits_of<double, unsigned long long>({0.0, 1.0, double(nan), -0.0, -2.0, 5e-324}), true, want);
+  // float16 / bfloat16 bit patterns: 0, 1.0, NaN, -0.0, -2.0, smallest subnormal
+  failures += !run_mask_case<uint16_t>("float16", {0x0000, 0x3c00, 0x7e00, 0x8000, 0xc000, 0x0001}, true, want);
+  failures += !run_mask_case<uint16_t>("bfloat16", {0x0000, 0x3f80, 0x7fc0, 0x8000, 0xc000, 0x0001}, true, want);
+  // more elements than one grid pass covers (4096 blocks of 256): the grid-stride loop
+  std::vector<uint32_t> big(4096 * 256 + 77);
+  std::vector<uint8_t> big_want(big.size());
+  for (size_t i = 0; i < big.size(); ++i) {
+    big[i] = (i % 3 == 0) ? 0u : static_cast<uint32_t>(i);
+    big_want[i] = big[i] != 0;
+  }
+  failures += !run_mask_case<uint32_t>("int32", big, false, big_want);
+  Buffer one(1);
+  failures += !run_mask_case<uint8_t>("empty", {}, false, {});
+  const bool rejects = !lily::cuda::mask_to_bytes(one.data(), 1, 3, false, static_cast<uint8_t*>(one.data()), nullptr)
+                            .empty() &&
+                       !lily::cuda::mask_to_bytes(one.data(), 1, 1, true, static_cast<uint8_t*>(one.data()), nullptr)
+                            .empty();
+  std::printf("%s mask_to_bytes rejects 3-byte and 1-byte float elements\n", rejects ? "ok  " : "FAIL");
+  return failures + !rejects;
 }
 
 }  // namespace
@@ -297,7 +355,7 @@ int main(int argc, char** argv) {
   cases.push_back({{100}, 2, 8, 24, "batch", 0, "LILY_CUDA_SCRATCH_BYTES=100"});
   cases.push_back({{150}, 2, 16, 136, "token", 0, "EMU_CC=75"});  // bf16 without tensor cores: GEMM path
 
-  int failures = 0, count = 0;
+  int failures = run_mask_cases(), count = 12;
   for (const Case& c : cases) {
     if (quick && c.lead.size() == 1 && c.lead[0] >= 130 && c.env == nullptr) continue;
     failures += !run_case<double>(c, 1e-10);
