@@ -41,7 +41,8 @@ import subprocess
 import sys
 import tempfile
 
-LIBRARY_NAME = "liblily_ort.so"
+LIBRARY_NAME = "liblily_ort.so"  # CPU execution provider; needs nothing but libc / libstdc++
+CUDA_LIBRARY_NAME = "liblily_ort_cuda.so"  # CPU and CUDA execution providers; needs cuBLAS
 RECORD_NAME = "_ort_build.json"  # what the build did, read by lily_ext.build_info()
 HEADER = "onnxruntime_c_api.h"
 DEB_PACKAGE = "libonnxruntime-dev"
@@ -325,7 +326,8 @@ def cuda_plan(cuda_home):
 
 
 def cmake_build(source_dir, build_dir, include_dir, extra_args=()):
-    """Configures and builds the CMake project; returns the path of the built library."""
+    """Configures and builds the CMake project; returns the build directory (it holds LIBRARY_NAME
+    and, with CUDA, CUDA_LIBRARY_NAME)."""
     cmake = shutil.which("cmake")
     if cmake is None:
         raise RuntimeError("cmake not found on PATH (pip install cmake)")
@@ -340,10 +342,9 @@ def cmake_build(source_dir, build_dir, include_dir, extra_args=()):
         code, out = _run(cmd, timeout=1800)
         if code != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{out[-4000:]}")
-    library = os.path.join(build_dir, LIBRARY_NAME)
-    if not os.path.isfile(library):
+    if not os.path.isfile(os.path.join(build_dir, LIBRARY_NAME)):
         raise RuntimeError(f"the CMake build produced no {LIBRARY_NAME} in {build_dir}")
-    return library
+    return build_dir
 
 
 def _build_with_cuda(source_dir, build_dir, include_dir, cuda_home, record):
@@ -405,12 +406,13 @@ def build(source_dir, build_dir, package_dirs, cuda_home=None):
         log(message)
     for directory in package_dirs:
         os.makedirs(directory, exist_ok=True)
-        stale = os.path.join(directory, LIBRARY_NAME)
-        if record["library"]:
-            shutil.copy2(built, stale)
-            log(f"{LIBRARY_NAME} -> {directory}")
-        elif os.path.exists(stale):
-            os.remove(stale)  # never leave an older build behind a record saying "not built"
+        for name, wanted_here in ((LIBRARY_NAME, record["library"]), (CUDA_LIBRARY_NAME, record["library"] and record["cuda"])):
+            target = os.path.join(directory, name)
+            if wanted_here:
+                shutil.copy2(os.path.join(built, name), target)
+                log(f"{name} -> {directory}")
+            elif os.path.exists(target):
+                os.remove(target)  # never leave an older build behind a record saying "not built"
         with open(os.path.join(directory, RECORD_NAME), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
     return record

@@ -2,16 +2,19 @@
 
 ``liblily_ort.so`` (built by ``pip install`` when ONNX Runtime C API headers are found, see
 ``lily_ext/_ort_build.py``) registers domain ``lily``, op ``RoutedMix`` (opset 1) for the CPU
-execution provider and, when built with CUDA (``library_has_cuda()``), for the CUDA execution
-provider (``providers=["CUDAExecutionProvider", "CPUExecutionProvider"]``): inputs ``hidden [..., r]``, ``router [E, r]`` (``theta [E]`` for mode
+execution provider. When built with CUDA (``library_has_cuda()``), ``liblily_ort_cuda.so``
+registers it for the CPU and the CUDA execution provider (``ort_library_path(cuda=True)``;
+``ort_session`` picks it when the providers include CUDA). Inputs ``hidden [..., r]``,
+``router [E, r]`` (``theta [E]`` for mode
 ``static``), ``bank [E, r, out]``, optional ``mask`` (mode ``sequence``, shape
 ``hidden.shape[:-1]``, any bool/int/float type, nonzero counts); attributes ``scaling`` (float,
 default 1.0) and ``mode`` (string, default ``"batch"``); output ``delta [..., out]`` with hidden's
 type (float32, float64, float16, bfloat16; half precision is computed in float32). The CUDA kernels
 run ORT's compute stream and are the ones the torch op uses on CUDA (forward only; E <= 256).
 
-The library links neither torch nor Python nor ONNX Runtime: any process with onnxruntime can
-register it by path (``SessionOptions.register_custom_ops_library(ort_library_path())``).
+The libraries link neither torch nor Python nor ONNX Runtime: any process with onnxruntime can
+register one by path (``SessionOptions.register_custom_ops_library(ort_library_path())``); the
+CPU one needs nothing else, the CUDA one also needs cuBLAS.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = ["ort_library_path", "ort_session", "library_status", "library_record"
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 LIBRARY_NAME = "liblily_ort.so"
+CUDA_LIBRARY_NAME = "liblily_ort_cuda.so"
 _RECORD = os.path.join(_PACKAGE_DIR, "_ort_build.json")  # written by the build (lily_ext/_ort_build.py)
 
 
@@ -51,12 +55,18 @@ def library_status() -> tuple[str | None, str | None]:
 
 
 def library_has_cuda() -> bool:
-    """Whether the built library has CUDA execution provider kernels (it registers them only then)."""
-    return library_status()[0] is not None and bool(library_record().get("cuda"))
+    """Whether ``liblily_ort_cuda.so`` (CUDA execution provider kernels) was built."""
+    return bool(library_record().get("cuda")) and os.path.isfile(os.path.join(_PACKAGE_DIR, CUDA_LIBRARY_NAME))
 
 
-def ort_library_path() -> str:
-    """Path of ``liblily_ort.so``; raises ``FileNotFoundError`` saying why when it was not built."""
+def ort_library_path(cuda: bool = False) -> str:
+    """Path of ``liblily_ort.so`` (CPU EP), or with ``cuda=True`` of ``liblily_ort_cuda.so`` (CPU
+    and CUDA EPs); raises ``FileNotFoundError`` saying why when it was not built."""
+    if cuda:
+        if not library_has_cuda():
+            why = library_record().get("cuda_reason") or library_status()[1] or "the build recorded no reason"
+            raise FileNotFoundError(f"lily_ext's ONNX Runtime library has no CUDA kernels ({CUDA_LIBRARY_NAME}): {why}")
+        return os.path.join(_PACKAGE_DIR, CUDA_LIBRARY_NAME)
     path, reason = library_status()
     if path is None:
         raise FileNotFoundError(
@@ -71,7 +81,8 @@ def ort_session(path_or_bytes, providers=None, **session_options):
     """An ``onnxruntime.InferenceSession`` with lily_ext's custom-op library registered.
 
     ``path_or_bytes``: a model path or serialized ModelProto bytes. ``providers`` defaults to
-    ``["CPUExecutionProvider"]``. Every other keyword sets that attribute of
+    ``["CPUExecutionProvider"]``; with ``"CUDAExecutionProvider"`` among them the CUDA library is
+    registered. Every other keyword sets that attribute of
     ``onnxruntime.SessionOptions`` (``intra_op_num_threads=1``, ``graph_optimization_level=...``).
     """
     try:
@@ -86,7 +97,7 @@ def ort_session(path_or_bytes, providers=None, **session_options):
                 f"ort_session: unknown session option {key!r}; onnxruntime.SessionOptions has: {', '.join(settable)}"
             )
         setattr(options, key, value)
-    options.register_custom_ops_library(ort_library_path())
-    return ort.InferenceSession(
-        path_or_bytes, sess_options=options, providers=list(providers) if providers else ["CPUExecutionProvider"]
-    )
+    providers = list(providers) if providers else ["CPUExecutionProvider"]
+    names = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
+    options.register_custom_ops_library(ort_library_path(cuda="CUDAExecutionProvider" in names))
+    return ort.InferenceSession(path_or_bytes, sess_options=options, providers=providers)

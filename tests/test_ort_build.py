@@ -145,10 +145,11 @@ def fake_cmake(isolated, monkeypatch):
         if state["cuda_fails"] and "-DLILY_ORT_CUDA=ON" in extra_args:
             raise RuntimeError("nvcc exploded")
         os.makedirs(build_dir, exist_ok=True)
-        library = os.path.join(build_dir, _ort_build.LIBRARY_NAME)
-        with open(library, "wb") as f:
-            f.write(b"\x7fELF")
-        return library
+        names = [_ort_build.LIBRARY_NAME] + ([_ort_build.CUDA_LIBRARY_NAME] if "-DLILY_ORT_CUDA=ON" in extra_args else [])
+        for name in names:
+            with open(os.path.join(build_dir, name), "wb") as f:
+                f.write(b"\x7fELF")
+        return build_dir
 
     monkeypatch.setattr(_ort_build, "cmake_build", cmake_build)
     return calls, state
@@ -161,6 +162,7 @@ def test_build_records_cuda_kernels(isolated, fake_cmake):
     assert record["library"] == _ort_build.LIBRARY_NAME
     assert record["cuda"] is True and record["cuda_reason"] is None and record["cuda_archs"] == "90"
     assert len(calls) == 1 and "-DLILY_ORT_CUDA=ON" in calls[0][1]
+    assert (isolated / "pkg" / _ort_build.LIBRARY_NAME).exists() and (isolated / "pkg" / _ort_build.CUDA_LIBRARY_NAME).exists()
 
 
 def test_build_falls_back_to_cpu_only_when_the_cuda_part_fails(isolated, fake_cmake):
@@ -173,6 +175,7 @@ def test_build_falls_back_to_cpu_only_when_the_cuda_part_fails(isolated, fake_cm
     assert [args for _, args in calls] == [calls[0][1], ["-DLILY_ORT_CUDA=OFF"]]
     assert calls[1][0] != calls[0][0], "the CPU-only retry configures a fresh build directory"
     assert (isolated / "pkg" / _ort_build.LIBRARY_NAME).exists()
+    assert not (isolated / "pkg" / _ort_build.CUDA_LIBRARY_NAME).exists()
 
 
 def test_build_without_cuda(isolated, fake_cmake, monkeypatch):
@@ -204,4 +207,8 @@ def test_library_record_and_cuda_flag(monkeypatch, tmp_path):
     (tmp_path / _ort_build.RECORD_NAME).write_text(json.dumps({"library": "liblily_ort.so", "cuda": True}))
     assert ort.library_has_cuda() is False, "no library file: no CUDA kernels either"
     (tmp_path / _ort_build.LIBRARY_NAME).write_bytes(b"\x7fELF")
+    assert ort.library_has_cuda() is False, "the CPU library alone has no CUDA kernels"
+    (tmp_path / _ort_build.CUDA_LIBRARY_NAME).write_bytes(b"\x7fELF")
     assert ort.library_has_cuda() is True
+    assert ort.ort_library_path(cuda=True).endswith(_ort_build.CUDA_LIBRARY_NAME)
+    assert ort.ort_library_path().endswith(_ort_build.LIBRARY_NAME)

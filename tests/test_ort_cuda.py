@@ -73,7 +73,7 @@ def cuda_session(model, pinned=True, **options):
     so = ort.SessionOptions()
     for key, value in options.items():
         setattr(so, key, value)
-    so.register_custom_ops_library(lily_ext.ort_library_path())
+    so.register_custom_ops_library(lily_ext.ort_library_path(cuda=True))
     if pinned:  # (ORT refuses this together with an explicit CPU EP in the provider list)
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     session = ort.InferenceSession(model, sess_options=so, providers=PROVIDERS[:1] if pinned else PROVIDERS)
@@ -284,28 +284,41 @@ BASE_LIBS = ("libc.so", "libm.so", "libstdc++.so", "libgcc_s.so", "ld-linux", "l
 CUDA_LIBS = ("libcublas.so", "libcublasLt.so", "libcudart.so")
 
 
-@library_built
-def test_needed_libraries_are_the_c_runtime_plus_cublas_at_most():
+def needed_libraries(path):
     tool = shutil.which("readelf")
     if tool is None:
         pytest.skip("readelf not on PATH")
-    dynamic = subprocess.run([tool, "-d", lily_ext.ort_library_path()], capture_output=True, text=True, check=True)
-    needed = [line.split("[", 1)[1].rstrip("]") for line in dynamic.stdout.splitlines() if "(NEEDED)" in line]
-    for lib in needed:
-        assert not any(bad in lib for bad in ("torch", "c10", "python", "onnxruntime")), needed
-    allowed = BASE_LIBS + (CUDA_LIBS if library_has_cuda() else ())
-    assert all(lib.startswith(allowed) for lib in needed), needed
-    if library_has_cuda():
-        assert any(lib.startswith("libcublas.so") for lib in needed), needed
-        assert not any(lib.startswith("libcudart.so") for lib in needed), "the CUDA runtime is linked statically"
+    dynamic = subprocess.run([tool, "-d", path], capture_output=True, text=True, check=True)
+    return [line.split("[", 1)[1].rstrip("]") for line in dynamic.stdout.splitlines() if "(NEEDED)" in line]
 
 
 @library_built
-def test_exports_only_register_custom_ops():
+def test_cpu_library_needs_only_the_c_runtime():
+    # a CPU host with only onnxruntime installed can load it
+    needed = needed_libraries(lily_ext.ort_library_path())
+    assert needed and all(lib.startswith(BASE_LIBS) for lib in needed), needed
+
+
+@library_built
+def test_cuda_library_needs_the_c_runtime_and_cublas():
+    if not library_has_cuda():
+        pytest.skip(f"built without CUDA EP kernels: {library_record().get('cuda_reason')}")
+    needed = needed_libraries(lily_ext.ort_library_path(cuda=True))
+    assert all(lib.startswith(BASE_LIBS + CUDA_LIBS) for lib in needed), needed
+    assert not any(bad in lib for lib in needed for bad in ("torch", "c10", "python", "onnxruntime")), needed
+    assert any(lib.startswith("libcublas.so") for lib in needed), needed
+    assert not any(lib.startswith("libcudart.so") for lib in needed), "the CUDA runtime is linked statically"
+
+
+@library_built
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu-library", "cuda-library"])
+def test_exports_only_register_custom_ops(cuda):
     tool = shutil.which("nm")
     if tool is None:
         pytest.skip("nm not on PATH")
-    listing = subprocess.run([tool, "-D", "--defined-only", lily_ext.ort_library_path()], capture_output=True,
+    if cuda and not library_has_cuda():
+        pytest.skip(f"built without CUDA EP kernels: {library_record().get('cuda_reason')}")
+    listing = subprocess.run([tool, "-D", "--defined-only", lily_ext.ort_library_path(cuda=cuda)], capture_output=True,
                              text=True, check=True)
     names = {line.split()[-1] for line in listing.stdout.splitlines() if line.strip()}
     assert names == {"RegisterCustomOps"}, sorted(names)

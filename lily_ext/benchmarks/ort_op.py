@@ -101,11 +101,11 @@ def cuda_sessions(custom_bytes, standard_bytes):
     from lily_ext.ort import library_has_cuda, library_record
 
     if not library_has_cuda():
-        return None, f"liblily_ort.so has no CUDA EP kernels: {library_record().get('cuda_reason')}"
+        return None, f"liblily_ort_cuda.so was not built: {library_record().get('cuda_reason')}"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return None, f"onnxruntime {ort.__version__} offers no CUDAExecutionProvider"
     pinned = ort.SessionOptions()
-    pinned.register_custom_ops_library(lily_ext.ort_library_path())
+    pinned.register_custom_ops_library(lily_ext.ort_library_path(cuda=True))
     pinned.add_session_config_entry("session.disable_cpu_ep_fallback", "1")  # RoutedMix on the GPU or no session
     try:
         custom = ort.InferenceSession(custom_bytes, sess_options=pinned, providers=["CUDAExecutionProvider"])
