@@ -5,6 +5,7 @@ import platform
 import torch
 
 from . import _library
+from .ort import CUDA_LIBRARY_NAME, library_has_cuda
 from .ort import library_record as _ort_library_record
 from .ort import library_status as _ort_library_status
 
@@ -27,8 +28,8 @@ def build_info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "onnxruntime_library": ort_library,  # liblily_ort.so, or None and the reason:
         "onnxruntime_library_reason": ort_reason,
-        # CUDA execution provider kernels in that library, or why not
-        "onnxruntime_library_cuda": bool(ort_library and ort_record.get("cuda")),
-        "onnxruntime_library_cuda_reason": None if ort_library and ort_record.get("cuda")
-        else (ort_record.get("cuda_reason") or ort_reason or "not recorded by the build"),
+        # liblily_ort_cuda.so (CUDA execution provider kernels) built, or why not
+        "onnxruntime_library_cuda": library_has_cuda(),
+        "onnxruntime_library_cuda_reason": None if library_has_cuda()
+        else (ort_record.get("cuda_reason") or ort_reason or f"no {CUDA_LIBRARY_NAME} and no record of why"),
     }
