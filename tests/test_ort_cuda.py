@@ -23,8 +23,7 @@ import torch
 from test_ops_cuda import SHAPES as CUDA_SHAPES
 from test_ops_cuda import TOL as CUDA_TOL
 from test_ops_cuda import shape_id
-from test_ort_op import (IR_VERSION, OPSETS, ORT_ERRORS, bad_run_cases, expected, make_model, numpy_inputs,
-                         value_info)
+from test_ort_op import (bfloat16_cast_model, ORT_ERRORS, bad_run_cases, expected, make_model, numpy_inputs)
 
 import lily_ext
 from lily_ext.ops import MODES
@@ -32,7 +31,7 @@ from lily_ext.ort import library_has_cuda, library_record, library_status
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper  # noqa: E402
+from onnx import TensorProto  # noqa: E402
 
 LIBRARY, WHY_MISSING = library_status()
 library_built = pytest.mark.skipif(
@@ -133,12 +132,7 @@ def test_matches_reference(mode, shape, dtype):
 @pytest.mark.parametrize("mode", MODES)
 def test_bfloat16_through_casts(mode):
     feeds = numpy_inputs((3, 70), 3, 16, 40, mode, np.float32)
-    cast_in = [helper.make_node("Cast", [k], [k + "_bf16"], to=TensorProto.BFLOAT16) for k in feeds]
-    node = helper.make_node("RoutedMix", [k + "_bf16" for k in feeds], ["d16"], domain="lily", mode=mode)
-    cast_out = helper.make_node("Cast", ["d16"], ["delta"], to=TensorProto.FLOAT)
-    out = helper.make_tensor_value_info("delta", TensorProto.FLOAT, ["a", "b", "c"])
-    graph = helper.make_graph([*cast_in, node, cast_out], "bf16", [value_info(k, v) for k, v in feeds.items()], [out])
-    model = helper.make_model(graph, opset_imports=OPSETS, ir_version=IR_VERSION)
+    model = bfloat16_cast_model(feeds, mode)
     delta = cuda_session(model.SerializeToString()).run(None, feeds)[0]
     rounded = {k: torch.from_numpy(v).bfloat16().double().numpy() for k, v in feeds.items()}
     assert rel_err(delta, expected(rounded, 1.0, mode)) <= CUDA_TOL[torch.bfloat16]

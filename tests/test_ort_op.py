@@ -144,16 +144,20 @@ def test_dynamic_leading_dims_in_one_session():
         assert rel_err(torch.from_numpy(delta), expected(dict(feeds, hidden=h), 1.0, "token")) <= 2e-5
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_bfloat16_through_casts(mode):
-    # numpy has no bfloat16: Cast float32 -> bfloat16 -> RoutedMix -> Cast back, inside the graph
-    feeds = numpy_inputs((3, 5), 3, 8, 16, mode, np.float32)
+def bfloat16_cast_model(feeds, mode):
+    """numpy has no bfloat16: Cast float32 -> bfloat16 -> RoutedMix -> Cast back, inside the graph."""
     cast_in = [helper.make_node("Cast", [k], [k + "_bf16"], to=TensorProto.BFLOAT16) for k in feeds]
     node = helper.make_node("RoutedMix", [k + "_bf16" for k in feeds], ["d16"], domain="lily", mode=mode)
     cast_out = helper.make_node("Cast", ["d16"], ["delta"], to=TensorProto.FLOAT)
     out = helper.make_tensor_value_info("delta", TensorProto.FLOAT, ["a", "b", "c"])
     graph = helper.make_graph([*cast_in, node, cast_out], "bf16", [value_info(k, v) for k, v in feeds.items()], [out])
-    model = helper.make_model(graph, opset_imports=OPSETS, ir_version=IR_VERSION)
+    return helper.make_model(graph, opset_imports=OPSETS, ir_version=IR_VERSION)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bfloat16_through_casts(mode):
+    feeds = numpy_inputs((3, 5), 3, 8, 16, mode, np.float32)
+    model = bfloat16_cast_model(feeds, mode)
     onnx.checker.check_model(model)
     delta = lily_ext.ort_session(model.SerializeToString()).run(None, feeds)[0]
     rounded = {k: torch.from_numpy(v).bfloat16().double().numpy() for k, v in feeds.items()}
