@@ -7,101 +7,36 @@ Environment:
   CUDA_HOME               CUDA toolkit (default: resolved from the real nvcc on PATH)
   MAX_JOBS                parallel compile jobs (ninja)
   LILY_EXT_ORT=0|1        skip / require the ONNX Runtime custom-op library (default: built when
-                          ORT C API headers are found or fetched, see lily_ext/_ort_build.py)
+                          ORT C API headers are found or fetched, see lily_ext/_build/ort_library.py)
   ONNXRUNTIME_INCLUDE_DIR directory holding onnxruntime_c_api.h
 LILY_EXT_CUDA and TORCH_CUDA_ARCH_LIST also govern the ONNX Runtime library's CUDA EP kernels.
 """
 
 import glob
+import importlib
 import importlib.util
 import os
-import re
-import shutil
-import subprocess
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _toolkit_of_nvcc(nvcc):
-    """The toolkit an nvcc really belongs to; wrapper scripts are followed by asking nvcc itself."""
-    try:
-        dry = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
-        text = dry.stdout + dry.stderr
-    except (OSError, subprocess.SubprocessError):
-        return None
-    here = re.search(r"_HERE_=(\S+)", text)
-    bin_dir = here.group(1) if here else os.path.dirname(os.path.realpath(nvcc))
-    home = os.path.dirname(os.path.realpath(bin_dir))
-    return home if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) else None
+def _load_build_package():
+    """lily_ext/_build (standard library only), loaded by path: the package itself cannot be
+    imported before it is built."""
+    directory = os.path.join(ROOT, "lily_ext", "_build")
+    spec = importlib.util.spec_from_file_location(
+        "_lily_ext_build", os.path.join(directory, "__init__.py"), submodule_search_locations=[directory]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module(f"{spec.name}.toolkit"), importlib.import_module(f"{spec.name}.ort_library")
 
 
-def find_cuda_home():
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    candidates = [_toolkit_of_nvcc(nvcc)] if nvcc else []
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for home in candidates:
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
-            os.path.join(home, "include", "cuda_runtime.h")
-        ):
-            return home
-    return None
-
-
-def nvcc_version(cuda_home):
-    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
-    match = re.search(r"release (\d+\.\d+)", out.stdout)
-    return match.group(1) if match else "unknown"
-
-
-# Headers the CUDA sources need beyond the runtime's: cuBLAS for the kernels,
-# and what torch's ATen/cuda/CUDAContextLight.h includes for the binding.
-CUDA_LIBRARY_HEADERS = ("cublas_v2.h", "cublasLt.h", "cusparse.h", "cusolverDn.h")
-
-
-def _nvidia_wheel_roots():
-    """Folders of the nvidia-* pip wheels torch depends on (nvidia/cu13/..., nvidia/cublas/...)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("nvidia")
-    return list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
-
-
-def find_cuda_libraries(cuda_home):
-    """(extra include dirs, library dir, link flag) for cuBLAS.
-
-    A full toolkit has everything under cuda_home; a pip-assembled one (nvcc and the
-    runtime only) lacks cuBLAS, which then comes from the nvidia wheels torch itself
-    loads. Those ship only versioned libraries (libcublas.so.13), linked by file name;
-    at run time the SONAME resolves to the copy torch has already loaded.
-    """
-    toolkit_inc = os.path.join(cuda_home, "include")
-    wheel_dirs = [d for root in _nvidia_wheel_roots() for d in sorted(glob.glob(os.path.join(root, "*")))]
-    includes = []
-    for header in CUDA_LIBRARY_HEADERS:
-        if os.path.exists(os.path.join(toolkit_inc, header)):
-            continue
-        for d in wheel_dirs:
-            inc = os.path.join(d, "include")
-            if os.path.exists(os.path.join(inc, header)):
-                if inc not in includes:
-                    includes.append(inc)
-                break
-        else:
-            raise SystemExit(f"lily_ext: {header} not found in {toolkit_inc} or the nvidia pip wheels (set CUDA_HOME)")
-    lib_dirs = [os.path.join(cuda_home, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")]
-    lib_dirs += [os.path.join(d, "lib") for d in wheel_dirs]
-    for d in lib_dirs:
-        if os.path.exists(os.path.join(d, "libcublas.so")):
-            return includes, d, "-lcublas"
-        versioned = sorted(glob.glob(os.path.join(d, "libcublas.so.[0-9]*")), key=len)
-        if versioned:
-            return includes, d, "-l:" + os.path.basename(versioned[0])
-    raise SystemExit("lily_ext: libcublas not found in the CUDA toolkit or the nvidia pip wheels (set CUDA_HOME)")
+toolkit, ort_library = _load_build_package()
 
 
 def cuda_plan():
@@ -113,7 +48,7 @@ def cuda_plan():
         raise SystemExit(f"LILY_EXT_CUDA must be 0 or 1, got {wanted!r}")
     if wanted == "0":
         return False, None, "disabled by LILY_EXT_CUDA=0"
-    cuda_home = find_cuda_home()
+    cuda_home = toolkit.find_cuda_home()
     problem = None
     if torch.version.cuda is None:
         problem = f"torch {torch.__version__} is not a CUDA build"
@@ -153,9 +88,12 @@ def build_extensions():
         archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ",").replace(";", ",")
         print(f"lily_ext: CUDA archs {archs} (TORCH_CUDA_ARCH_LIST)")
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/torch/cuda/*.cpp"))
-        macros += [("LILY_WITH_CUDA", None), ("LILY_CUDA_ARCHS", archs), ("LILY_NVCC_VERSION", nvcc_version(cuda_home))]
+        macros += [("LILY_WITH_CUDA", None), ("LILY_CUDA_ARCHS", archs), ("LILY_NVCC_VERSION", toolkit.nvcc_version(cuda_home))]
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v"]
-        includes, lib_dir, lib_flag = find_cuda_libraries(cuda_home)
+        try:
+            includes, lib_dir, lib_flag = toolkit.find_cuda_libraries(cuda_home)
+        except RuntimeError as exc:
+            raise SystemExit(f"lily_ext: {exc}") from exc
         for inc in includes:  # after the toolkit's own -I, so its runtime headers win
             extra["cxx"] += ["-isystem", inc]
             extra["nvcc"] += ["-isystem", inc]
@@ -174,11 +112,8 @@ def build_extensions():
 
 def with_ort_library(build_ext_class):
     """build_ext that afterwards builds the ONNX Runtime custom-op library (CMakeLists.txt,
-    liblily_ort.so) into the package, or records why it could not; see lily_ext/_ort_build.py
+    liblily_ort.so) into the package, or records why it could not; see lily_ext/_build/ort_library.py
     (LILY_EXT_ORT, ONNXRUNTIME_INCLUDE_DIR, LILY_EXT_ORT_FETCH)."""
-    spec = importlib.util.spec_from_file_location("_lily_ort_build", os.path.join(ROOT, "lily_ext", "_ort_build.py"))
-    ort_build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ort_build)  # by path: the package itself cannot be imported before it is built
 
     class BuildExtWithOrt(build_ext_class):
         def run(self):
@@ -190,8 +125,8 @@ def with_ort_library(build_ext_class):
                 if getattr(self, "editable_mode", False):
                     package_dirs.append(os.path.join(ROOT, "lily_ext"))
             # the CUDA EP kernels use the toolkit the torch extension would (LILY_EXT_CUDA=0: none)
-            ort_build.build(ROOT, os.path.join(os.path.abspath(self.build_temp), "ort"), package_dirs,
-                            cuda_home=find_cuda_home())
+            ort_library.build(ROOT, os.path.join(os.path.abspath(self.build_temp), "ort"), package_dirs,
+                              cuda_home=toolkit.find_cuda_home())
 
     return BuildExtWithOrt
 

@@ -1,17 +1,23 @@
-"""lily_ext: fast, exportable Lily (Low-Rank Interconnected Adaptation across Layers) for PyTorch."""
+"""lily_ext: fast, exportable Lily (Low-Rank Interconnected Adaptation across Layers) for PyTorch.
 
-from . import _library
+Layers, from the kernels up: ``ops`` (the ``lily::routed_mix`` op) -> ``layer`` / ``targets`` /
+``checkpoint`` / ``model`` (adapters) -> ``calibration``, ``peft_interop``, ``hf`` -> ``export``
+(ONNX) -> ``ort`` (ONNX Runtime). ``app`` is the command-line application; ``_build`` builds and
+loads the native libraries.
+"""
+
+from ._build import library as _library
 
 _library.load()
 
 from . import ops  # noqa: E402  (registers the fake kernels of torch.ops.lily)
-from ._build import build_info  # noqa: E402
+from ._build.info import build_info  # noqa: E402
 from .calibration import freeze_router  # noqa: E402
-from .checkpoint import AdapterLoadError, load_adapter  # noqa: E402
+from .checkpoint import AdapterLoadError  # noqa: E402
 from .config import LilyConfig  # noqa: E402
-from .model import LilyModel, get_lily_model  # noqa: E402
-from .ort import ort_library_path, ort_session  # noqa: E402  (ONNX Runtime custom-op library)
 from .export import export_onnx, register_torchscript_symbolic  # noqa: E402
+from .model import LilyModel, get_lily_model, load_adapter  # noqa: E402
+from .ort import ort_library_path, ort_session  # noqa: E402  (ONNX Runtime custom-op library)
 from .peft_interop import from_peft, load_peft_adapter, patch_peft, unpatch_peft  # noqa: E402
 
 register_torchscript_symbolic()

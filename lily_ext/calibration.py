@@ -21,7 +21,7 @@ def _call(model: LilyModel, batch):
 
 
 def _token_mask(layer, hidden):
-    mask = layer._sequence_mask(hidden) if layer._context.mask is not None else None
+    mask = layer.sequence_mask(hidden)
     if mask is None:
         return torch.ones(hidden.shape[:-1], dtype=torch.float64, device=hidden.device)
     return (mask != 0).to(torch.float64)
@@ -71,7 +71,7 @@ def freeze_router(model: LilyModel, batches: Iterable, adapter_name: str | None 
             # pass 2: the same input through dynamic and frozen routing
             bank, scaling, routing = layer.bank(name), layer.scaling[name], layer.routing[name]
             dynamic = routed_mix(hidden, layer.lily_router[name].weight, bank, scaling=scaling, mode=routing,
-                                           mask=layer._sequence_mask(hidden) if routing == "sequence" else None)
+                                           mask=layer.sequence_mask(hidden) if routing == "sequence" else None)
             theta = torch.log(weights[path].clamp_min(1e-300)).to(hidden.dtype).to(hidden.device)
             frozen = routed_mix(hidden, theta, bank, scaling=scaling, mode="static")
             diff = (frozen - dynamic).double() * mask.unsqueeze(-1)

@@ -8,7 +8,7 @@ A checkpoint is a directory with
 - ``adapter.safetensors``: ``group.{g}.B``, ``group.{g}.A.{block}``, ``router.{layer}`` (or
   ``theta.{layer}`` for static routing) and ``save.{module}.{name}`` tensors.
 
-Saving is atomic (see _atomic.py). Loading checks everything against the base model before
+Saving is atomic (see _build/atomic.py). Loading checks everything against the base model before
 changing it, and names the first mismatch.
 """
 
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._atomic import atomic_directory
+from ._build.atomic import atomic_directory
 from .config import LilyConfig
-from .model import LilyModel, ShareGroup, _modules_to_save_paths, plan_adapter
+from .layer import ModulesToSave
+from .targets import ShareGroup, modules_to_save_paths, plan_adapter
 
 FORMAT = "lily_ext.adapter"
 FORMAT_VERSION = 1
@@ -43,7 +44,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def adapter_tensors(model: LilyModel, adapter_name: str) -> dict[str, torch.Tensor]:
+def adapter_tensors(model, adapter_name: str) -> dict[str, torch.Tensor]:
     """The adapter's unique tensors under their checkpoint keys (each shared tensor once)."""
     config = model.configs[adapter_name]
     tensors = {}
@@ -65,9 +66,7 @@ def adapter_tensors(model: LilyModel, adapter_name: str) -> dict[str, torch.Tens
     return tensors
 
 
-def _saved_module_paths(model: LilyModel, adapter_name: str) -> list[str]:
-    from .layer import ModulesToSave
-
+def _saved_module_paths(model, adapter_name: str) -> list[str]:
     return [p for p, m in model.model.named_modules() if isinstance(m, ModulesToSave) and adapter_name in m.modules_to_save]
 
 
@@ -80,12 +79,12 @@ def _base_model_info(model: nn.Module) -> dict:
     }
 
 
-def save_adapter(model: LilyModel, path, adapter_name: str | None = None) -> None:
+def save_adapter(model, path, adapter_name: str | None = None) -> None:
     with atomic_directory(path) as tmp:
         write_adapter_files(model, tmp, adapter_name)
 
 
-def write_adapter_files(model: LilyModel, directory: Path, adapter_name: str | None = None) -> None:
+def write_adapter_files(model, directory: Path, adapter_name: str | None = None) -> None:
     """Writes lily_config.json and adapter.safetensors into an existing (fresh) directory."""
     from safetensors.torch import save_file
 
@@ -147,7 +146,7 @@ def read_adapter(base_model: nn.Module, path) -> tuple[LilyConfig, list[ShareGro
         raise AdapterLoadError(f"{CONFIG_NAME}: bad config: {e}") from None
     try:
         groups = plan_adapter(base_model, config)
-        save_paths = _modules_to_save_paths(base_model, config)
+        save_paths = modules_to_save_paths(base_model, config)
     except ValueError as e:
         raise AdapterLoadError(f"the adapter does not fit this base model: {e}") from None
     saved_groups = record["groups"]
@@ -215,42 +214,29 @@ def _expected_shapes(base_model, config: LilyConfig, groups, save_paths) -> dict
 
 
 @torch.no_grad()
-def _assign(model: LilyModel, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+def assign_tensors(model, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
     targets = adapter_tensors(model, adapter_name)
     for key, target in targets.items():
         target.copy_(tensors[key])
 
 
-def _adapter_dtype(tensors) -> torch.dtype | None:
+def adapter_dtype(tensors) -> torch.dtype | None:
     dtypes = {t.dtype for k, t in tensors.items() if not k.startswith("save.")}
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def load_adapter(base_model: nn.Module, path, adapter_name: str = "default", is_trainable: bool = False) -> LilyModel:
-    """Wraps ``base_model`` with the adapter saved at ``path``.
-
-    ``is_trainable=False`` (PEFT's default) leaves the adapter frozen, for inference.
-    """
-    if isinstance(base_model, LilyModel):
-        raise ValueError("base_model: already a LilyModel; use model.load_adapter(path, adapter_name)")
-    config, _, tensors = read_adapter(base_model, path)
-    model = LilyModel(base_model, config, adapter_name, dtype=_adapter_dtype(tensors), trainable=is_trainable)
-    _assign(model, adapter_name, tensors)
-    return model
-
-
-def load_weights_into(model: LilyModel, path, adapter_name: str | None = None) -> None:
+def load_weights_into(model, path, adapter_name: str | None = None) -> None:
     """Overwrites the weights of an existing adapter with those saved at ``path`` (same config)."""
     adapter_name = adapter_name or model.active_adapter
     config, _, tensors = read_adapter(model.model, path)
     if config != model.configs[adapter_name]:
         raise AdapterLoadError(f"the adapter at {str(path)!r} has config {config}, adapter {adapter_name!r} has {model.configs[adapter_name]}")
-    _assign(model, adapter_name, tensors)
+    assign_tensors(model, adapter_name, tensors)
 
 
-def load_into(model: LilyModel, path, adapter_name: str, is_trainable: bool = False) -> None:
+def load_into(model, path, adapter_name: str, is_trainable: bool = False) -> None:
     if adapter_name in model.configs:
         raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
     config, _, tensors = read_adapter(model.model, path)
-    model.add_adapter(adapter_name, config, dtype=_adapter_dtype(tensors), trainable=is_trainable)
-    _assign(model, adapter_name, tensors)
+    model.add_adapter(adapter_name, config, dtype=adapter_dtype(tensors), trainable=is_trainable)
+    assign_tensors(model, adapter_name, tensors)

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import layer as _layer
+from ._build.atomic import atomic_file
 from .model import LilyModel
 from .ops import routed_mix_decomposed
 
 FORMS = ("custom", "decomposed", "merged")
 DOMAIN = "lily"
 DOMAIN_VERSION = 1
+# What the ONNX Runtime op accepts as a mask (export/RoutedMix.md).
+MASK_TYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "bfloat16",
+              "float", "double")
 
 _schema_registered = False
 
@@ -46,7 +47,7 @@ def register_onnx_schema() -> None:
             outputs=[P("delta", "T", "[..., out]")],
             type_constraints=[
                 ("T", ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"], "float tensors"),
-                ("M", ["tensor(bool)", "tensor(int32)", "tensor(int64)", "tensor(float)", "tensor(float16)"], "mask"),
+                ("M", [f"tensor({t})" for t in MASK_TYPES], "mask: nonzero marks a token"),
             ],
             attributes=[
                 OpSchema.Attribute("scaling", onnx.helper.make_attribute("scaling", 1.0), "multiplier of the delta"),
@@ -86,15 +87,26 @@ def register_torchscript_symbolic() -> None:
         torch.onnx.register_custom_op_symbolic("lily::routed_mix", _routed_mix_symbolic, 9)
 
 
-@contextlib.contextmanager
-def _decomposed_layers():
-    """Lily layers compute with plain PyTorch ops while the block runs (export tracing)."""
-    original = _layer.routed_mix
-    _layer.routed_mix = routed_mix_decomposed
-    try:
-        yield
-    finally:
-        _layer.routed_mix = original
+def _decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``lily::routed_mix`` replaced by its plain-op formula (``ops.routed_mix_decomposed``), through
+    torch.export's own decomposition pass; every other op is left for the ONNX exporter."""
+
+    def routed_mix(hidden, router, bank, scaling=1.0, mode="batch", mask=None):
+        return routed_mix_decomposed(hidden, router, bank, scaling=scaling, mode=mode, mask=mask)
+
+    return program.run_decompositions({torch.ops.lily.routed_mix.default: routed_mix})
+
+
+def _export_dims(spec):
+    """``dynamic_shapes`` as torch.export takes it: axis names (which torch.onnx.export also takes,
+    and writes into the graph) become ``Dim.DYNAMIC``."""
+    if isinstance(spec, str):
+        return torch.export.Dim.DYNAMIC
+    if isinstance(spec, dict):
+        return {key: _export_dims(value) for key, value in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_export_dims(value) for value in spec)
+    return spec
 
 
 @contextlib.contextmanager
@@ -151,11 +163,15 @@ def export_onnx(model: nn.Module, args=(), path=None, *, form: str = "custom", d
         args = (args,)
     register_onnx_schema()
     target = _exportable(model, form)
-    was_training = target.training
-    target.eval()
+    module = target
+    was_training = module.training
+    module.eval()
     try:
-        with (_decomposed_layers() if form == "decomposed" else contextlib.nullcontext()), torch.no_grad(), _quiet_exporter():
+        with torch.no_grad(), _quiet_exporter():
             if dynamo:
+                if form == "decomposed":
+                    target = _decompose(torch.export.export(target, args, kwargs=kwargs,
+                                                            dynamic_shapes=_export_dims(dynamic_shapes), strict=False))
                 program = torch.onnx.export(
                     target, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
                     custom_translation_table={torch.ops.lily.routed_mix.default: _routed_mix_translation},
@@ -174,18 +190,12 @@ def export_onnx(model: nn.Module, args=(), path=None, *, form: str = "custom", d
 
                 proto = onnx.load_from_string(buffer.getvalue())
     finally:
-        target.train(was_training)
+        module.train(was_training)
     if form == "custom" and not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.add(domain=DOMAIN, version=DOMAIN_VERSION)
     if path is not None:
         import onnx
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_file(path) as tmp:
             onnx.save(proto, str(tmp))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
     return proto

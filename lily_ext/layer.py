@@ -134,7 +134,8 @@ class LilyLinear(nn.Module):
         del self.lily_router[name]
         self.routing[name] = "static"
 
-    def _sequence_mask(self, hidden: torch.Tensor):
+    def sequence_mask(self, hidden: torch.Tensor):
+        """The current call's attention mask for ``hidden``'s tokens (``hidden.shape[:-1]``), or None."""
         mask = self._context.mask
         if mask is None or tuple(mask.shape) == tuple(hidden.shape[:-1]):
             return mask
@@ -154,7 +155,7 @@ class LilyLinear(nn.Module):
         A = self.lily_A[name].weight
         hidden = F.linear(x.to(A.dtype), A)
         routing = self.routing[name]
-        mask = self._sequence_mask(hidden) if routing == "sequence" else None
+        mask = self.sequence_mask(hidden) if routing == "sequence" else None
         delta = routed_mix(hidden, self.router(name), self.bank(name), scaling=self.scaling[name], mode=routing, mask=mask)
         return result + delta.to(result.dtype)
 

@@ -1,6 +1,6 @@
 """The routed B-bank mixing op, ``torch.ops.lily.routed_mix``, and its Python entry point.
 
-Math (DESIGN.md): with ``h = hidden`` flattened to ``[N, r]``, router ``R [E, r]`` and bank
+Math (docs/DESIGN.md): with ``h = hidden`` flattened to ``[N, r]``, router ``R [E, r]`` and bank
 ``Bk [E, r, out]``, each mode picks mixing weights ``w`` and returns
 ``scaling * h @ sum_e w_e Bk_e``:
 

@@ -1,7 +1,7 @@
 """ONNX Runtime support: the custom-op library that runs ``lily.RoutedMix`` nodes.
 
 ``liblily_ort.so`` (built by ``pip install`` when ONNX Runtime C API headers are found, see
-``lily_ext/_ort_build.py``) registers domain ``lily``, op ``RoutedMix`` (opset 1) for the CPU
+``lily_ext/_build/ort_library.py``) registers domain ``lily``, op ``RoutedMix`` (opset 1) for the CPU
 execution provider. When built with CUDA (``library_has_cuda()``), ``liblily_ort_cuda.so``
 registers it for the CPU and the CUDA execution provider (``ort_library_path(cuda=True)``;
 ``ort_session`` picks it when the providers include CUDA). Inputs ``hidden [..., r]``,
@@ -27,11 +27,11 @@ __all__ = ["ort_library_path", "ort_session", "library_status", "library_record"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 LIBRARY_NAME = "liblily_ort.so"
 CUDA_LIBRARY_NAME = "liblily_ort_cuda.so"
-_RECORD = os.path.join(_PACKAGE_DIR, "_ort_build.json")  # written by the build (lily_ext/_ort_build.py)
+_RECORD = os.path.join(_PACKAGE_DIR, "_ort_build.json")  # written by the build (lily_ext/_build/ort_library.py)
 
 
 def library_record() -> dict:
-    """What the build recorded about the library (lily_ext/_ort_build.py): ``library``, ``reason``,
+    """What the build recorded about the library (lily_ext/_build/ort_library.py): ``library``, ``reason``,
     ``headers``, ``api_version``, ``cuda`` (CUDA execution provider kernels compiled in),
     ``cuda_reason`` (why not), ``cuda_archs``; {} when there is no record."""
     try:

@@ -10,31 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._atomic import atomic_directory
-from .checkpoint import AdapterLoadError, _assign, adapter_tensors
-from .config import LilyConfig
-from .model import LilyModel, _modules_to_save_paths, plan_adapter
+from .checkpoint import AdapterLoadError, assign_tensors
+from .model import LilyModel
 from .ops import routed_mix
+from .peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAMES, PREFIX, config_from_peft, save_peft_adapter
+from .targets import modules_to_save_paths, plan_adapter, set_module
 
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-PREFIX = "base_model.model."
-_CONFIG_FIELDS = ("r", "stride_A", "num_B", "scaling", "target_modules", "exclude_modules",
-                  "layers_to_transform", "layers_pattern", "modules_to_save", "init_weights")
-
-
-def _config_from_peft(fields: dict, modules_to_save) -> LilyConfig:
-    peft_type = getattr(fields.get("peft_type"), "value", fields.get("peft_type"))  # enum in memory, str on disk
-    if str(peft_type).upper() != "LILY":
-        raise AdapterLoadError(f"{PEFT_CONFIG_NAME}: peft_type is {fields.get('peft_type')!r}, not 'LILY'")
-    values = {k: fields[k] for k in _CONFIG_FIELDS if k in fields and fields[k] is not None}
-    if isinstance(values.get("target_modules"), (set, tuple)):
-        values["target_modules"] = sorted(values["target_modules"])
-    values["modules_to_save"] = modules_to_save or None
-    try:
-        return LilyConfig(**values, routing="batch")
-    except (TypeError, ValueError) as e:
-        raise AdapterLoadError(f"{PEFT_CONFIG_NAME}: {e}") from None
+# save_peft_adapter lives in peft_format (LilyModel.save_peft_adapter uses it) and is offered here too.
+__all__ = ["from_peft", "load_peft_adapter", "patch_peft", "save_peft_adapter", "unpatch_peft"]
 
 
 def _saved_modules_from_keys(base_model: nn.Module, keys) -> list[str]:
@@ -54,10 +37,10 @@ def _saved_modules_from_keys(base_model: nn.Module, keys) -> list[str]:
 
 def _from_peft_state(base_model: nn.Module, fields: dict, state: dict, adapter_name: str, is_trainable: bool) -> LilyModel:
     """Builds a LilyModel from PEFT's state-dict layout, after checking it fully."""
-    config = _config_from_peft(fields, _saved_modules_from_keys(base_model, state))
+    config = config_from_peft(fields, _saved_modules_from_keys(base_model, state))
     try:
         groups = plan_adapter(base_model, config)
-        save_paths = _modules_to_save_paths(base_model, config)
+        save_paths = modules_to_save_paths(base_model, config)
     except ValueError as e:
         raise AdapterLoadError(f"the PEFT adapter does not fit this base model: {e}") from None
 
@@ -100,7 +83,7 @@ def _from_peft_state(base_model: nn.Module, fields: dict, state: dict, adapter_n
     dtypes = {t.dtype for k, t in tensors.items() if not k.startswith("save.")}
     model = LilyModel(base_model, config, adapter_name, dtype=dtypes.pop() if len(dtypes) == 1 else None,
                       trainable=is_trainable)
-    _assign(model, adapter_name, tensors)
+    assign_tensors(model, adapter_name, tensors)
     return model
 
 
@@ -166,51 +149,11 @@ def from_peft(peft_model, adapter_name: str | None = None) -> LilyModel:
                 state[f"{PREFIX}{path}.{key}"] = value.detach().clone()
     for path, module in list(base.named_modules()):
         if isinstance(module, LilyLayer):
-            _replace(base, path, module.get_base_layer())
+            set_module(base, path, module.get_base_layer())
         elif isinstance(module, ModulesToSaveWrapper):
-            _replace(base, path, module.original_module)
+            set_module(base, path, module.original_module)
     fields = tuner.peft_config[name].to_dict()
     return _from_peft_state(base, fields, state, "default" if adapter_name is None else name, is_trainable=True)
-
-
-def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, attr = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
-def save_peft_adapter(model: LilyModel, path, adapter_name: str | None = None) -> None:
-    """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT's ``save_pretrained`` does."""
-    from peft import LilyConfig as PeftLilyConfig
-    from safetensors.torch import save_file
-
-    name = adapter_name or model.active_adapter
-    if name not in model.configs:
-        raise ValueError(f"adapter_name: no adapter {name!r} (have: {', '.join(model.configs) or 'none'})")
-    config = model.configs[name]
-    if config.routing != "batch":
-        raise ValueError(
-            f"save_peft_adapter: PEFT's Lily has batch routing only; this adapter uses routing={config.routing!r} "
-            "(save it with save_adapter instead)"
-        )
-    ours = adapter_tensors(model, name)
-    state = {}
-    for g, group in enumerate(model.groups[name]):
-        for b, block in enumerate(group.a_blocks(config.stride_A)):
-            for p in block:  # PEFT stores every layer's copy of the shared tensors
-                state[f"{PREFIX}{p}.lily_A.weight"] = ours[f"group.{g}.A.{b}"]
-        for p in group.layers:
-            state[f"{PREFIX}{p}.lily_B.weight"] = ours[f"group.{g}.B"]
-            state[f"{PREFIX}{p}.lily_router.weight"] = ours[f"router.{p}"]
-    for key, value in ours.items():
-        if key.startswith("save."):
-            state[PREFIX + key[len("save."):]] = value
-    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
-    fields = {k: getattr(config, k) for k in _CONFIG_FIELDS}
-    peft_config = PeftLilyConfig(**fields)
-    peft_config.base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
-    with atomic_directory(path) as tmp:
-        peft_config.save_pretrained(str(tmp))
-        save_file(state, str(tmp / PEFT_WEIGHTS_NAMES[0]), metadata={"format": "pt"})
 
 
 # ---- running PEFT's own Lily layers on lily_ext.ops ---------------------------------------------

@@ -2,7 +2,7 @@
 
 import torch
 import torch.distributed as dist
-from models import tiny_bert
+from helpers.models import tiny_bert
 
 import lily_ext
 

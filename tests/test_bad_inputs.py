@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from models import tiny_bert, tiny_llama
+from helpers import TESTS_DIR
+from helpers.models import tiny_bert, tiny_llama
 from onnx import TensorProto, helper
 
 import lily_ext
@@ -123,12 +124,13 @@ def test_inf_in_bank_gives_inf_or_nan_never_a_crash():
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lily_ext.cli", "export", "--model", str(tmp_path), "--adapter", str(tmp_path),
+    result = subprocess.run([sys.executable, "-m", "lily_ext.app.cli", "export", "--model", str(tmp_path), "--adapter", str(tmp_path),
                              "--form", "custom", "--out", str(tmp_path / "x.onnx")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("lily-ext export: error: --adapter:")
 
 
+@pytest.mark.ort
 def test_ort_op_with_disagreeing_inputs_raises_an_ort_error():
     import onnxruntime
 
@@ -155,9 +157,8 @@ def test_killed_writer_leaves_the_previous_adapter_intact(tmp_path):
     target = tmp_path / "adapter"
     script = textwrap.dedent(f"""
         import sys, time, torch, safetensors.torch
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
         import lily_ext
-        from models import tiny_llama
+        from helpers.models import tiny_llama
         model = lily_ext.get_lily_model(tiny_llama(), lily_ext.LilyConfig(r=4, target_modules=["q_proj"], init_weights=False))
         if sys.argv[1] == "first":
             model.save_adapter({str(target)!r})
@@ -172,9 +173,10 @@ def test_killed_writer_leaves_the_previous_adapter_intact(tmp_path):
         safetensors.torch.save_file = slow
         model.save_adapter({str(target)!r})
     """)
-    subprocess.run([sys.executable, "-c", script, "first"], check=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "-c", script, "first"], check=True, timeout=300, env=env)
     before = {p: (target / p).read_bytes() for p in os.listdir(target)}
-    proc = subprocess.Popen([sys.executable, "-c", script, "second"])
+    proc = subprocess.Popen([sys.executable, "-c", script, "second"], env=env)
     try:
         deadline = time.time() + 300
         while not (tmp_path / "started").exists() and time.time() < deadline:

@@ -1,6 +1,7 @@
 """Adapter checkpoints: compact, atomic, validated; PEFT's format both ways."""
 
 import copy
+import hashlib
 import json
 import os
 
@@ -8,7 +9,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from models import tiny_bert, tiny_llama, token_batch
+from helpers.models import tiny_bert, tiny_llama, token_batch
 from torch import nn
 
 import lily_ext
@@ -110,9 +111,8 @@ def _rewrite_tensors(path, change):
     tensors = safetensors.torch.load_file(str(path / "adapter.safetensors"))
     change(tensors)
     safetensors.torch.save_file(tensors, str(path / "adapter.safetensors"))
-    from lily_ext.checkpoint import _sha256
-
-    _rewrite_config(path, lambda r: r.update(weights_sha256=_sha256(path / "adapter.safetensors")))
+    digest = hashlib.sha256((path / "adapter.safetensors").read_bytes()).hexdigest()
+    _rewrite_config(path, lambda r: r.update(weights_sha256=digest))
 
 
 def _flip_byte(path):

@@ -14,7 +14,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import lily_ext
-from lily_ext.cli import main
+from lily_ext.app.cli import main
 
 TOPICS = {"sports": ["the match went to extra time", "a great goal in the final", "the team won the cup"],
           "food": ["this soup needs more salt", "fresh bread from the oven", "pasta with tomato sauce"]}
@@ -51,6 +51,7 @@ def train_args(model_dir, data_file, out, steps):
             "--out", out, "--steps", steps, "--batch-size", 4, "--save-every", 2, "--r", 4, "--num-B", 2]
 
 
+@pytest.mark.slow
 def test_train_resume_export(model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(*train_args(model_dir, data_file, out, 3)) == 0
@@ -71,7 +72,7 @@ def test_train_resume_export(model_dir, data_file, tmp_path, capsys):
 
 def test_ctrl_c_saves_a_consistent_checkpoint(model_dir, data_file, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "lily_ext.cli", *map(str, train_args(model_dir, data_file, out, 100000))]
+    args = [sys.executable, "-m", "lily_ext.app.cli", *map(str, train_args(model_dir, data_file, out, 100000))]
     args[args.index("--save-every") + 1] = "0"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -108,7 +109,7 @@ def test_user_errors_are_one_line(model_dir, data_file, tmp_path, args, message)
             full[full.index(flag) + 1] = value
         else:
             full += [flag, value]
-    result = subprocess.run([sys.executable, "-m", "lily_ext.cli", *full], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "lily_ext.app.cli", *full], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     lines = [l for l in result.stderr.strip().splitlines() if l.startswith("lily-ext")]
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -123,7 +124,7 @@ def test_adapter_for_another_base_model_is_one_line(model_dir, data_file, tmp_pa
     config["hidden_size"], config["intermediate_size"] = 48, 96
     (other / "config.json").write_text(json.dumps(config))
     BertForSequenceClassification(BertConfig(**{k: v for k, v in config.items() if k in BertConfig().to_dict()})).save_pretrained(other)
-    result = subprocess.run([sys.executable, "-m", "lily_ext.cli", "export", "--model", str(other), "--adapter", str(tmp_path / "run" / "checkpoint"),
+    result = subprocess.run([sys.executable, "-m", "lily_ext.app.cli", "export", "--model", str(other), "--adapter", str(tmp_path / "run" / "checkpoint"),
                              "--form", "decomposed", "--out", str(tmp_path / "x.onnx")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "does not fit this base model" in result.stderr and "Traceback" not in result.stderr
 
@@ -134,8 +135,9 @@ def test_info_prints_build_info(capsys):
     assert info["torch"] == torch.__version__ and "cuda_kernels" in info
 
 
+@pytest.mark.slow
 def test_demo_at_a_tiny_step_count(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lily_ext.cli", "demo", "--steps", "3", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "lily_ext.app.cli", "demo", "--steps", "3", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -149,10 +151,11 @@ def test_demo_at_a_tiny_step_count(tmp_path):
     assert "| form | max abs diff vs PyTorch |" in result.stdout
 
 
+@pytest.mark.slow
 def test_train_under_accelerate_launch_with_two_processes(model_dir, data_file, tmp_path):
     out = tmp_path / "run"
     args = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "-m", "lily_ext.cli", *map(str, train_args(model_dir, data_file, out, 4))]
+            "--dynamo_backend", "no", "-m", "lily_ext.app.cli", *map(str, train_args(model_dir, data_file, out, 4))]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"})
     assert result.returncode == 0, result.stderr[-3000:]

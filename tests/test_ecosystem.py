@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from models import tiny_bert, token_batch
+from helpers.models import tiny_bert, token_batch
 
 import lily_ext
 from lily_ext import LilyConfig, get_lily_model

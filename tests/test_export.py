@@ -11,47 +11,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from models import tiny_bert, token_batch
+from helpers.lily_models import DYNAMIC, TinyNet, bert_model, example_and_other_inputs, lily_net
+from helpers.models import tiny_bert, token_batch
 from torch import nn
 
 import lily_ext
 from lily_ext import LilyConfig, get_lily_model
 from lily_ext.export import export_onnx
 from lily_ext.layer import LilyLinear
-
-
-class Block(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.q_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-
-    def forward(self, x):
-        return x + torch.tanh(self.q_proj(x)) * self.v_proj(x)
-
-
-class TinyNet(nn.Module):
-    """A plain module with q/v projections: traceable by every exporter."""
-
-    def __init__(self, width=16, depth=3, classes=5):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = nn.ModuleList(Block(width) for _ in range(depth))
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x, attention_mask=None):
-        for block in self.layers:
-            x = block(x)
-        return self.head(x)
-
-
-def lily_net(routing="static", **config):
-    model = get_lily_model(TinyNet(), LilyConfig(r=4, num_B=3, target_modules=["q_proj", "v_proj"], routing=routing, init_weights=False, **config))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
 
 
 def ort_run(proto_or_path, feeds, session=None):
@@ -122,10 +89,7 @@ def test_freeze_router_on_the_calibration_batch_is_exact_for_batch_routing():
 
 
 def test_freeze_router_reports_deviation_and_ignores_padding():
-    model = get_lily_model(tiny_bert(), LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing="token", init_weights=False))
-    with torch.no_grad():
-        for _, layer in model.lily_layers():
-            layer.lily_B["default"].weight.normal_(std=0.2)
+    model = bert_model("token")
     twin = copy.deepcopy(model)
     ids = token_batch(4, 9)
     mask = torch.ones_like(ids)
@@ -190,25 +154,8 @@ def test_torch_export_keeps_one_op_per_layer(routing):
 
 # ---- ONNX ------------------------------------------------------------------------------------------------------
 
-DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
 
-
-def bert_model(routing):
-    model = get_lily_model(tiny_bert(), LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing=routing, init_weights=False))
-    with torch.no_grad():
-        for _, layer in model.lily_layers():
-            layer.lily_B["default"].weight.normal_(std=0.2)
-    return model.eval()
-
-
-def example_and_other_inputs():
-    ids = token_batch(2, 7)
-    other = token_batch(3, 11, seed=4)
-    other_mask = torch.ones_like(other)
-    other_mask[0, 8:] = 0
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"input_ids": other, "attention_mask": other_mask}
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static"])
 def test_decomposed_form_runs_in_plain_onnxruntime(routing, tmp_path):
     model = bert_model(routing)
@@ -221,6 +168,7 @@ def test_decomposed_form_runs_in_plain_onnxruntime(routing, tmp_path):
     np.testing.assert_allclose(ort_run(tmp_path / "m.onnx", other), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_merged_form_is_the_base_graph(tmp_path):
     base = tiny_bert()
     example, other = example_and_other_inputs()
@@ -252,6 +200,7 @@ def test_custom_form_graph(routing):
     assert (len(nodes[0].input) == 4) == (routing == "sequence")  # the attention mask reaches the node
 
 
+@pytest.mark.ort
 @pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static"])
 def test_custom_form_runs_in_onnxruntime_with_the_library(routing, tmp_path):
     model = bert_model(routing)
@@ -262,6 +211,7 @@ def test_custom_form_runs_in_onnxruntime_with_the_library(routing, tmp_path):
     np.testing.assert_allclose(ort_run(None, other, session), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.ort
 def test_custom_form_with_the_torchscript_exporter(tmp_path):
     model = lily_net("token")
     proto = export_onnx(model, (torch.randn(2, 5, 16),), tmp_path / "m.onnx", form="custom", dynamo=False)
@@ -273,6 +223,7 @@ def test_custom_form_with_the_torchscript_exporter(tmp_path):
                                model(x).detach().numpy(), rtol=0, atol=1e-4)
 
 
+@pytest.mark.ort
 def test_exported_model_runs_in_a_process_with_only_onnxruntime(tmp_path):
     model = bert_model("sequence")
     example, other = example_and_other_inputs()

@@ -5,7 +5,7 @@ import copy
 import peft
 import pytest
 import torch
-from models import tiny_bert, tiny_llama, token_batch
+from helpers.models import tiny_bert, tiny_llama, token_batch
 from torch import nn
 
 import lily_ext

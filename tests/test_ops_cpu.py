@@ -1,42 +1,12 @@
-"""lily::routed_mix on the CPU against the independent float64 reference (tests/reference.py)."""
+"""lily::routed_mix on the CPU against the independent float64 reference (tests/helpers/reference.py)."""
 
 import pytest
 import torch
-from reference import routed_mix_reference
+from helpers.reference import routed_mix_reference
+from helpers.shapes import SHAPES, TOL, make_inputs, rel_err, shape_id
 
 import lily_ext  # noqa: F401  (loads torch.ops.lily)
 from lily_ext.ops import MODES, routed_mix
-
-TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
-# (leading dims of hidden, E, r, out): edge sizes and both sides of every kernel path
-# (small-N fused path <= 64 rows, BLAS path, ragged column blocks, kron row chunks).
-SHAPES = [
-    ((7,), 4, 16, 24),
-    ((1,), 2, 1, 1),  # N = 1, E = 2, r = 1, out = 1
-    ((3, 5), 3, 8, 33),  # several leading dims
-    ((0,), 4, 8, 16),  # empty N
-    ((2, 3, 4), 2, 5, 9),
-    ((130,), 5, 12, 70),  # past the small-N path, out not a multiple of the column block
-    ((3, 70), 2, 9, 300),  # sequence samples with L > 64, several wide column blocks
-    ((64,), 3, 4, 40),  # exactly the small-N limit
-]
-
-
-def rel_err(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    if expected.numel() == 0:
-        return 0.0
-    scale = expected.abs().max().clamp_min(1e-30)
-    return ((actual - expected).abs().max() / scale).item()
-
-
-def make_inputs(lead, E, r, out, mode, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*lead, r, generator=g, dtype=torch.float64)
-    router = torch.randn(E, generator=g, dtype=torch.float64) if mode == "static" else torch.randn(E, r, generator=g, dtype=torch.float64)
-    bank = torch.randn(E, r, out, generator=g, dtype=torch.float64) / r**0.5
-    return hidden.to(dtype), router.to(dtype), bank.to(dtype)
 
 
 def check_forward_and_grads(hidden, router, bank, mode, scaling=0.7, mask=None, tol=None):
@@ -58,7 +28,7 @@ def check_forward_and_grads(hidden, router, bank, mode, scaling=0.7, mask=None, 
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], s[1], s[2], s[3]))))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_matches_reference(mode, shape, dtype):
     lead, E, r, out = shape

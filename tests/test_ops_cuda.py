@@ -1,10 +1,11 @@
-"""lily::routed_mix on CUDA against the float64 reference (tests/reference.py) and the CPU kernels.
+"""lily::routed_mix on CUDA against the float64 reference (tests/helpers/reference.py) and the
+CPU kernels.
 
-Skipped, with the reason, where torch.cuda.is_available() is False. Shapes cover both
-sides of every CUDA path: the fused small-N forward (N <= 64) and the routing-kernel +
-cuBLAS / tiled (W kron h) paths above it, the per-row backward (<= 4 rows per group)
-and the grouped one, vector and scalar tile loads (r, out multiples of 8 or not),
-partial tiles, N = 0 / 1, r = 1, out = 1.
+Marked gpu: skipped, with the reason, where torch.cuda.is_available() is False. The shapes
+(helpers.shapes.CUDA_SHAPES) cover both sides of every CUDA path: the fused small-N forward
+(N <= 64) and the routing-kernel + cuBLAS / tiled (W kron h) paths above it, the per-row backward
+(<= 4 rows per group) and the grouped one, vector and scalar tile loads (r, out multiples of 8 or
+not), partial tiles, N = 0 / 1, r = 1, out = 1.
 """
 
 import contextlib
@@ -12,55 +13,23 @@ import os
 
 import pytest
 import torch
-from reference import routed_mix_reference
+from helpers import shapes
+from helpers.reference import routed_mix_reference
+from helpers.shapes import CUDA_SHAPES as SHAPES
+from helpers.shapes import CUDA_TOL as TOL
+from helpers.shapes import rel_err, shape_id
 
 import lily_ext
 from lily_ext.ops import MODES, routed_mix
 
-HAS_CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: torch.cuda.is_available() is False")
+pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
-# max |error| / max |reference|; gradients get 4x
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-# (leading dims of hidden, E, r, out)
-SHAPES = [
-    ((7,), 4, 16, 24),  # fused small-N forward
-    ((1,), 2, 1, 1),  # N = 1, r = 1, out = 1
-    ((3, 5), 3, 8, 33),  # sequence: 3 samples of 5 (per-row small forward)
-    ((0,), 4, 8, 16),  # empty N
-    ((2, 3, 4), 2, 5, 9),  # sequence L = 3: per-row backward
-    ((64,), 3, 4, 40),  # exactly the small-N limit
-    ((65,), 3, 12, 70),  # just past it: routing kernels, combine + cuBLAS, tiled (W kron h)
-    ((3, 70), 2, 9, 300),  # sequence L = 70: batched cuBLAS, grouped backward
-    ((300,), 4, 16, 136),  # r, out multiples of 8: vector tile loads, several tiles
-    ((2, 150), 3, 40, 20),  # K = E * r = 120: partial k tiles
-    ((4, 1000), 4, 64, 264),  # many routing blocks, split-K partial sums
-]
-
-
-def shape_id(s):
-    return "x".join(map(str, (*s[0], s[1], s[2], s[3])))
-
-
-def rel_err(actual, expected):
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    if expected.numel() == 0:
-        return 0.0
-    if not torch.isfinite(actual).all():
-        return float("inf")
-    scale = expected.abs().max().clamp_min(1e-30)
-    return ((actual - expected).abs().max() / scale).item()
 
 
 def make_inputs(lead, E, r, out, mode, dtype=torch.float32, seed=0, device=DEV):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*lead, r, generator=g, dtype=torch.float64)
-    router = torch.randn(E, generator=g, dtype=torch.float64) if mode == "static" else torch.randn(E, r, generator=g, dtype=torch.float64)
-    bank = torch.randn(E, r, out, generator=g, dtype=torch.float64) / r**0.5
-    return tuple(t.to(device=device, dtype=dtype) for t in (hidden, router, bank))
+    return shapes.make_inputs(lead, E, r, out, mode, dtype, seed, device)
 
 
 def random_mask(lead, seed=0, fully_masked_sample=1):

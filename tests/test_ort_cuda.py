@@ -3,15 +3,15 @@
 The CUDA EP tests skip, saying why, unless the library has CUDA EP kernels, onnxruntime offers
 CUDAExecutionProvider and a GPU is present (torch.cuda.is_available()). They pin every node to the
 CUDA EP (session.disable_cpu_ep_fallback, or the profile for exported models) so a silent CPU
-fallback cannot pass for a CUDA result. Models and inputs come from test_ort_op (one RoutedMix
-node, symbolic dims); results are checked against the float64 reference (tests/reference.py), the
-CPU EP kernel and PyTorch.
+fallback cannot pass for a CUDA result. Models and inputs come from helpers.ort_models (one RoutedMix
+node, symbolic dims); results are checked against the float64 reference (helpers/reference.py),
+the CPU EP kernel and PyTorch.
 
-The library checks at the end (NEEDED entries, exported symbols, build_info) run everywhere.
+Every test is marked ort; the CUDA EP tests are also marked gpu. The library checks at the end
+(NEEDED entries, exported symbols, build_info) run wherever the library is built.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -20,39 +20,38 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from test_ops_cuda import SHAPES as CUDA_SHAPES
-from test_ops_cuda import TOL as CUDA_TOL
-from test_ops_cuda import shape_id
-from test_ort_op import (bfloat16_cast_model, ORT_ERRORS, bad_run_cases, expected, make_model, numpy_inputs)
+from helpers.lily_models import DYNAMIC, bert_model, example_and_other_inputs
+from helpers.ort_models import (
+    ORT_ERRORS, bad_run_cases, bfloat16_cast_model, expected, make_model, numpy_inputs, ort, run_cpu)
+from helpers.shapes import CUDA_SHAPES, CUDA_TOL, shape_id
+from onnx import TensorProto
 
 import lily_ext
 from lily_ext.ops import MODES
 from lily_ext.ort import library_has_cuda, library_record, library_status
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto  # noqa: E402
-
-LIBRARY, WHY_MISSING = library_status()
-library_built = pytest.mark.skipif(
-    LIBRARY is None and os.environ.get("LILY_EXT_ORT") != "1", reason=f"liblily_ort.so was not built: {WHY_MISSING}"
-)
+pytestmark = pytest.mark.ort
 
 
 def _why_no_cuda_ep():
-    if LIBRARY is None:
-        return f"liblily_ort.so was not built: {WHY_MISSING}"
+    if library_status()[0] is None or not torch.cuda.is_available():
+        return None  # the ort / gpu markers skip these, saying why (tests/conftest.py)
     if not library_has_cuda():
         return f"liblily_ort.so was built without CUDA EP kernels: {library_record().get('cuda_reason')}"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return f"onnxruntime {ort.__version__} offers no CUDAExecutionProvider (pip install onnxruntime-gpu)"
-    if not torch.cuda.is_available():
-        return "needs a CUDA device: torch.cuda.is_available() is False"
     return None
 
 
 WHY_NO_CUDA_EP = _why_no_cuda_ep()
-needs_cuda_ep = pytest.mark.skipif(WHY_NO_CUDA_EP is not None, reason=str(WHY_NO_CUDA_EP))
+
+
+def needs_cuda_ep(test):
+    """A test on the CUDA EP: marked gpu (and ort, as the whole module); skipped, saying why, unless
+    the library has CUDA EP kernels and onnxruntime offers the CUDA EP."""
+    return pytest.mark.gpu(pytest.mark.skipif(WHY_NO_CUDA_EP is not None, reason=str(WHY_NO_CUDA_EP))(test))
+
+
 TOL = {np.float32: CUDA_TOL[torch.float32], np.float16: CUDA_TOL[torch.float16], np.float64: CUDA_TOL[torch.float64]}
 PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -82,11 +81,6 @@ def cuda_session(model, pinned=True, **options):
 
 def run_cuda(feeds, **attrs):
     session = cuda_session(make_model(feeds, **attrs).SerializeToString())
-    return session.run(None, {k: v for k, v in feeds.items() if k})[0]
-
-
-def run_cpu(feeds, **attrs):
-    session = lily_ext.ort_session(make_model(feeds, **attrs).SerializeToString())
     return session.run(None, {k: v for k, v in feeds.items() if k})[0]
 
 
@@ -257,8 +251,6 @@ def test_bad_attributes_fail_at_session_creation(attrs, message):
 @needs_cuda_ep
 @pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static"])
 def test_exported_custom_form_runs_on_the_cuda_ep(routing, tmp_path):
-    from test_export import DYNAMIC, bert_model, example_and_other_inputs
-
     model = bert_model(routing)
     example, other = example_and_other_inputs()
     lily_ext.export_onnx(model, (), tmp_path / "m.onnx", form="custom", kwargs=example, dynamic_shapes=DYNAMIC)
@@ -286,14 +278,12 @@ def needed_libraries(path):
     return [line.split("[", 1)[1].rstrip("]") for line in dynamic.stdout.splitlines() if "(NEEDED)" in line]
 
 
-@library_built
 def test_cpu_library_needs_only_the_c_runtime():
     # a CPU host with only onnxruntime installed can load it
     needed = needed_libraries(lily_ext.ort_library_path())
     assert needed and all(lib.startswith(BASE_LIBS) for lib in needed), needed
 
 
-@library_built
 def test_cuda_library_needs_the_c_runtime_and_cublas():
     if not library_has_cuda():
         pytest.skip(f"built without CUDA EP kernels: {library_record().get('cuda_reason')}")
@@ -304,7 +294,6 @@ def test_cuda_library_needs_the_c_runtime_and_cublas():
     assert not any(lib.startswith("libcudart.so") for lib in needed), "the CUDA runtime is linked statically"
 
 
-@library_built
 @pytest.mark.parametrize("cuda", [False, True], ids=["cpu-library", "cuda-library"])
 def test_exports_only_register_custom_ops(cuda):
     tool = shutil.which("nm")
@@ -318,7 +307,6 @@ def test_exports_only_register_custom_ops(cuda):
     assert names == {"RegisterCustomOps"}, sorted(names)
 
 
-@library_built
 def test_build_info_reports_cuda_ep_kernels():
     info = lily_ext.build_info()
     assert info["onnxruntime_library_cuda"] is library_has_cuda()
@@ -328,7 +316,6 @@ def test_build_info_reports_cuda_ep_kernels():
         assert info["onnxruntime_library_cuda_reason"]
 
 
-@library_built
 def test_cpu_session_needs_no_gpu_when_cuda_kernels_are_compiled_in():
     # registering the CUDA EP kernels must not touch CUDA: a CPU session works without a GPU
     feeds = numpy_inputs((2, 5), 3, 8, 9, "batch", np.float32)

@@ -5,7 +5,7 @@ across runs and thread counts. On failure hypothesis prints the minimal failing 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import routed_mix_reference
+from helpers.reference import routed_mix_reference
 
 import lily_ext  # noqa: F401
 from lily_ext.ops import routed_mix

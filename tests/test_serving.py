@@ -3,14 +3,15 @@
 import concurrent.futures
 
 import numpy as np
+import pytest
 import torch
-from models import tiny_bert, token_batch
+from helpers.lily_models import DYNAMIC, bert_model
+from helpers.models import token_batch
 
 import lily_ext
-from lily_ext import LilyConfig, get_lily_model
 from lily_ext.export import export_onnx
 
-DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+pytestmark = pytest.mark.ort
 
 
 def rss_bytes() -> int:
@@ -22,10 +23,7 @@ def rss_bytes() -> int:
 
 
 def test_eight_threads_two_hundred_runs_each(tmp_path):
-    model = get_lily_model(tiny_bert(), LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing="sequence", init_weights=False)).eval()
-    with torch.no_grad():
-        for _, layer in model.lily_layers():
-            layer.lily_B["default"].weight.normal_(std=0.2)
+    model = bert_model("sequence")
     example = {"input_ids": token_batch(2, 7), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
     export_onnx(model, (), tmp_path / "m.onnx", form="custom", kwargs=example, dynamic_shapes=DYNAMIC)
     session = lily_ext.ort_session(str(tmp_path / "m.onnx"))

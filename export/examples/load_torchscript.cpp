@@ -3,9 +3,8 @@
 //
 //   load_torchscript traced.pt /path/to/lily_ext/_C.cpython-*.so
 //
-// Build against the libtorch that lily_ext was built with (e.g. the pip wheel's torch/include and
-// torch/lib): g++ -std=c++20 load_torchscript.cpp -I$TORCH/include -I$TORCH/include/torch/csrc/api/include
-//   -L$TORCH/lib -ltorch -ltorch_cpu -lc10 -ldl -Wl,-rpath,$TORCH/lib
+// Build it with export/examples/CMakeLists.txt against the libtorch lily_ext was built with (e.g.
+// the pip wheel's torch/include and torch/lib: -DTORCH_DIR=.../site-packages/torch).
 #include <dlfcn.h>
 #include <torch/script.h>
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .calibration import freeze_router
-from .export import FORMS, export_onnx
-from .model import LilyModel
+from ..calibration import freeze_router
+from ..export import FORMS, export_onnx
+from ..model import LilyModel
 
 DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
 
@@ -34,7 +34,7 @@ def session_for(form: str, path: Path):
     import onnxruntime
 
     if form == "custom":
-        from .ort import ort_session
+        from ..ort import ort_session
 
         return ort_session(str(path))
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

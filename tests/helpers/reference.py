@@ -1,4 +1,4 @@
-"""Independent float64 reference of routed_mix, written from DESIGN.md in plain PyTorch.
+"""Independent float64 reference of routed_mix, written from docs/DESIGN.md in plain PyTorch.
 
 Deliberately naive (explicit per-sample loops, materialised per-expert products) so that it
 shares no structure with the kernels it checks. Gradients come from autograd through it.

@@ -4,10 +4,10 @@ import platform
 
 import torch
 
-from . import _library
-from .ort import CUDA_LIBRARY_NAME, library_has_cuda
-from .ort import library_record as _ort_library_record
-from .ort import library_status as _ort_library_status
+from . import library as _library
+from ..ort import CUDA_LIBRARY_NAME, library_has_cuda
+from ..ort import library_record as _ort_library_record
+from ..ort import library_status as _ort_library_status
 
 
 def build_info() -> dict:

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "../lily/contract.h"
+#include "lily/contract.h"
 #include "ort_common.h"
 
 namespace lily_ort {

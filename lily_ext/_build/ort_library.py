@@ -1,7 +1,7 @@
 """Finds ONNX Runtime C API headers and builds liblily_ort.so with CMake; used by setup.py.
 
-Self-contained (standard library only, imports neither torch nor lily_ext), so setup.py loads it
-by path before anything is built. ``python lily_ext/_ort_build.py`` prints where the headers are.
+Standard library only (imports neither torch nor lily_ext), so setup.py loads it by path before
+anything is built. ``python lily_ext/_build/ort_library.py`` prints where the headers are.
 
 ONNX Runtime's Python wheels ship no C headers. They are looked for, in order:
 
@@ -40,6 +40,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+try:
+    from . import toolkit
+    from .atomic import atomic_directory
+except ImportError:  # run as a script: python lily_ext/_build/ort_library.py
+    import toolkit
+    from atomic import atomic_directory
 
 LIBRARY_NAME = "liblily_ort.so"  # CPU execution provider; needs nothing but libc / libstdc++
 CUDA_LIBRARY_NAME = "liblily_ort_cuda.so"  # CPU and CUDA execution providers; needs cuBLAS
@@ -175,6 +182,7 @@ def _unpack_to_cache(deb):
     """Unpacks the headers of a libonnxruntime-dev .deb into the cache; returns the include dir."""
     version = os.path.basename(deb).split("_")[1].split("+")[0].split("-")[0]
     target = os.path.join(cache_root(), version)
+    include = os.path.join(target, "include")
     with tempfile.TemporaryDirectory() as tmp:
         code, out = _run(["dpkg", "-x", deb, tmp])
         if code != 0:
@@ -182,24 +190,15 @@ def _unpack_to_cache(deb):
         found = glob.glob(os.path.join(tmp, "usr", "include", "**", HEADER), recursive=True)
         if not found:
             raise RuntimeError(f"{os.path.basename(deb)} holds no {HEADER}")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".staging-", dir=os.path.dirname(target))  # same fs: atomic replace
-        os.chmod(staging, 0o755)
-        shutil.copytree(os.path.dirname(found[0]), os.path.join(staging, "include"))
-        for doc in glob.glob(os.path.join(tmp, "usr", "share", "doc", DEB_PACKAGE, "copyright")):
-            shutil.copy(doc, staging)  # the headers' licence travels with them
-        with open(os.path.join(staging, "SOURCE"), "w", encoding="utf-8") as f:
-            f.write(f"Debian package {os.path.basename(deb)}, unpacked with dpkg -x\n")
-    include = os.path.join(target, "include")
-    if not has_header(include):
-        if os.path.isdir(target):
-            shutil.rmtree(target)  # an incomplete earlier copy
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not has_header(include):  # else a concurrent build got there first
-                raise
-    shutil.rmtree(staging, ignore_errors=True)
+        if has_header(include):  # a concurrent build got there first
+            return include
+        with atomic_directory(target) as staging:  # an interrupted unpack leaves no half-written cache
+            os.chmod(staging, 0o755)
+            shutil.copytree(os.path.dirname(found[0]), os.path.join(staging, "include"))
+            for doc in glob.glob(os.path.join(tmp, "usr", "share", "doc", DEB_PACKAGE, "copyright")):
+                shutil.copy(doc, staging)  # the headers' licence travels with them
+            with open(os.path.join(staging, "SOURCE"), "w", encoding="utf-8") as f:
+                f.write(f"Debian package {os.path.basename(deb)}, unpacked with dpkg -x\n")
     return include
 
 
@@ -287,23 +286,6 @@ def cmake_cuda_archs(arch_list):
     return ";".join(archs) or "90"
 
 
-def nvidia_wheel_dirs():
-    """Folders of the nvidia-* pip wheels (site-packages/nvidia/cu13, .../cublas) that hold cuBLAS."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("nvidia")
-    except (ImportError, ValueError):
-        return []
-    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
-    found = []
-    for root in roots:
-        for d in sorted(glob.glob(os.path.join(root, "*"))):
-            if os.path.isfile(os.path.join(d, "include", "cublas_v2.h")) or glob.glob(os.path.join(d, "lib", "libcublas.so*")):
-                found.append(d)
-    return found
-
-
 def cuda_plan(cuda_home):
     """CMake arguments for the CUDA EP kernels: (args, None) to build them, or (args turning them
     off, why). ``cuda_home``: the toolkit setup.py found (None: none)."""
@@ -319,7 +301,7 @@ def cuda_plan(cuda_home):
         return off, str(exc)
     args = ["-DLILY_ORT_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDAToolkit_ROOT={cuda_home}",
             f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
-    hints = nvidia_wheel_dirs()
+    hints = toolkit.cublas_wheel_dirs()
     if hints:
         args.append("-DLILY_CUDA_LIBRARY_HINTS=" + ";".join(hints))
     return args, None

@@ -31,8 +31,8 @@
 #include <string>
 #include <vector>
 
-#include "../../cuda/routed_mix_cuda.h"
-#include "../routed_mix_ops.h"
+#include "cuda/routed_mix_cuda.h"
+#include "ort/routed_mix_ops.h"
 
 namespace lily_ort {
 namespace {

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._atomic import atomic_directory
-from .checkpoint import load_adapter, write_adapter_files
-from .model import LilyModel
+from .._build.atomic import atomic_directory
+from ..checkpoint import write_adapter_files
+from ..model import LilyModel, load_adapter
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "trainer_state.pt"

@@ -10,10 +10,11 @@
 #include <string>
 #include <vector>
 
-#include "../lily/contract.h"
-#include "../lily/cpu_gemm.h"
-#include "../lily/cpu_routed_mix.h"
-#include "half.h"
+#include <onnxruntime_float16.h>
+
+#include "lily/contract.h"
+#include "lily/cpu_gemm.h"
+#include "lily/cpu_routed_mix.h"
 #include "ort_common.h"
 #include "routed_mix_ops.h"
 
@@ -101,11 +102,31 @@ std::vector<uint8_t> mask_bytes(const OrtApi* api, const OrtValue* value, const 
   return out;
 }
 
+// float16 / bfloat16 <-> float32 with ONNX Runtime's own conversions (onnxruntime_float16.h, round
+// to nearest even), reached through its CRTP bases so that no C++ API object is needed.
+struct Half : onnxruntime_float16::Float16Impl<Half> {
+  static float to_float(uint16_t bits) {
+    Half h;
+    h.val = bits;
+    return h.ToFloatImpl();
+  }
+  static uint16_t from_float(float v) { return ToUint16Impl(v); }
+};
+
+struct BFloat16 : onnxruntime_float16::BFloat16Impl<BFloat16> {
+  static float to_float(uint16_t bits) {
+    BFloat16 b;
+    b.val = bits;
+    return b.ToFloatImpl();
+  }
+  static uint16_t from_float(float v) { return ToUint16Impl(v); }
+};
+
 // Half-precision tensors are widened to float32 for the kernels.
-template <float (*To)(uint16_t)>
+template <typename Half16>
 std::vector<float> widen(const uint16_t* src, int64_t n) {
   std::vector<float> out(size_t(std::max<int64_t>(n, 1)));
-  for (int64_t i = 0; i < n; ++i) out[i] = To(src[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = Half16::to_float(src[i]);
   return out;
 }
 
@@ -146,13 +167,13 @@ void compute_routed_mix_cpu(const RoutedMixKernel& k, OrtKernelContext* context)
       auto to_float = [&](int i) {
         const uint16_t* src = input_data<uint16_t>(api, values[i]);
         const int64_t n = call.info[i].numel();
-        return f16 ? widen<half_to_float>(src, n) : widen<bfloat16_to_float>(src, n);
+        return f16 ? widen<Half>(src, n) : widen<BFloat16>(src, n);
       };
       const std::vector<float> h = to_float(0), R = to_float(1), B = to_float(2);
       std::vector<float> delta(size_t(s.rows * s.out));
       run<float>(k, context, s, h.data(), R.data(), B.data(), m, delta.data());
       uint16_t* dst = static_cast<uint16_t*>(out_data);
-      for (size_t i = 0; i < delta.size(); ++i) dst[i] = f16 ? float_to_half(delta[i]) : float_to_bfloat16(delta[i]);
+      for (size_t i = 0; i < delta.size(); ++i) dst[i] = f16 ? Half::from_float(delta[i]) : BFloat16::from_float(delta[i]);
       break;
     }
     default:

@@ -1,4 +1,8 @@
-"""Writing a directory so that readers see the old one or the new one, never half of either."""
+"""Writing a file or a directory so that readers see the old one or the new one, never half of either.
+
+The one helper for checkpoints, exported models and the ONNX Runtime header cache. Standard library
+only (setup.py loads it before anything is built).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +44,35 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_tree(root: Path) -> None:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fsync_file(Path(directory) / name)
+        _fsync_dir(Path(directory))
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yields a temporary path beside ``path``; when the block succeeds it replaces ``path``.
+
+    A reader (or a crash) sees the previous file or the complete new one, never a partial write.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path: {str(path)!r} is a directory, expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path):
     """Yields a fresh temporary directory; when the block succeeds it replaces ``path``.
@@ -54,9 +87,7 @@ def atomic_directory(path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        for f in tmp.iterdir():
-            fsync_file(f)
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
         if not path.exists():
             os.rename(tmp, path)
         elif not _exchange(tmp, path):

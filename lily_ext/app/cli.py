@@ -14,7 +14,7 @@ class CliError(Exception):
 
 
 def _lily_config(args, model):
-    from .config import LilyConfig
+    from ..config import LilyConfig
     from .training import classifier_heads
 
     targets = args.target_modules.split(",") if args.target_modules else None
@@ -74,7 +74,7 @@ def _plot_losses(losses, path: Path, title: str) -> None:
 def cmd_demo(args) -> int:
     import torch
 
-    from . import LilyConfig, get_lily_model
+    from .. import LilyConfig, get_lily_model
     from .data import DEMO_CATEGORIES, demo_dataset
     from .deploy import export_and_check, format_table, model_inputs
     from .training import evaluate, load_base_classifier, train
@@ -164,7 +164,7 @@ def cmd_train(args) -> int:
         state = TrainState(step=saved["step"], losses=saved["losses"])
         print(f"resuming from {out / 'checkpoint'} at step {state.step}")
     else:
-        from . import get_lily_model
+        from .. import get_lily_model
 
         model, saved, state = get_lily_model(base, _lily_config(args, base)), None, TrainState()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -202,10 +202,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from . import load_adapter
+    from .. import load_adapter
     from .data import read_labelled_file
     from .deploy import DYNAMIC, for_form, model_inputs
-    from .export import export_onnx
+    from ..export import export_onnx
     from .training import load_base_classifier
 
     adapter = Path(args.adapter)
@@ -243,7 +243,7 @@ def cmd_bench(args) -> int:
 
     names = ["ops", "train", "ort", "ort_op"] if args.which == "all" else [args.which]
     for name in names:
-        module = importlib.import_module(f"lily_ext.benchmarks.{name}")
+        module = importlib.import_module(f"lily_ext.app.benchmarks.{name}")
         print(f"## {name}\n")
         module.main(["--quick"] if args.quick else [])
         print()
@@ -251,7 +251,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from . import build_info
+    from .. import build_info
 
     print(json.dumps(build_info(), indent=2))
     return 0
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model comes from local files
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from .checkpoint import AdapterLoadError
+    from ..checkpoint import AdapterLoadError
     from .data import DataError
 
     try:
