@@ -88,7 +88,11 @@ def build_extensions():
         archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ",").replace(";", ",")
         print(f"lily_ext: CUDA archs {archs} (TORCH_CUDA_ARCH_LIST)")
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/torch/cuda/*.cpp"))
-        macros += [("LILY_WITH_CUDA", None), ("LILY_CUDA_ARCHS", archs), ("LILY_NVCC_VERSION", toolkit.nvcc_version(cuda_home))]
+        macros += [
+            ("LILY_WITH_CUDA", None),
+            ("LILY_CUDA_ARCHS", archs),
+            ("LILY_NVCC_VERSION", toolkit.nvcc_version(cuda_home)),
+        ]
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v"]
         try:
             includes, lib_dir, lib_flag = toolkit.find_cuda_libraries(cuda_home)
@@ -125,8 +129,12 @@ def with_ort_library(build_ext_class):
                 if getattr(self, "editable_mode", False):
                     package_dirs.append(os.path.join(ROOT, "lily_ext"))
             # the CUDA EP kernels use the toolkit the torch extension would (LILY_EXT_CUDA=0: none)
-            ort_library.build(ROOT, os.path.join(os.path.abspath(self.build_temp), "ort"), package_dirs,
-                              cuda_home=toolkit.find_cuda_home())
+            ort_library.build(
+                ROOT,
+                os.path.join(os.path.abspath(self.build_temp), "ort"),
+                package_dirs,
+                cuda_home=toolkit.find_cuda_home(),
+            )
 
     return BuildExtWithOrt
 

@@ -135,13 +135,29 @@ def run(args):
             ):
                 t_eager = median_us(step(peft_fn, fn_args, trainable, grad), args.budget)
                 key = "mix" if what == "routed mix" else "layer"
-                t_comp = median_us(step(compiled[key], fn_args, trainable, grad), args.budget) if compiled else float("nan")
+                t_comp = (
+                    median_us(step(compiled[key], fn_args, trainable, grad), args.budget) if compiled else float("nan")
+                )
                 t_ours = median_us(step(ours, fn_args, trainable, grad), args.budget)
-                t_base = median_us(step(base_layer, layer_args, (x,), grad), args.budget) if key == "layer" else float("nan")
-                rows.append(dict(what=what, N=N, direction=direction, peft_eager_us=t_eager, peft_compiled_us=t_comp,
-                                 lily_ext_us=t_ours, base_linear_us=t_base))
-                print(f"  {what:11s} N={N:<5d} {direction:8s} eager {t_eager:9.1f}  compiled {t_comp:9.1f}  "
-                      f"lily_ext {t_ours:9.1f} us", flush=True)
+                t_base = (
+                    median_us(step(base_layer, layer_args, (x,), grad), args.budget) if key == "layer" else float("nan")
+                )
+                rows.append(
+                    dict(
+                        what=what,
+                        N=N,
+                        direction=direction,
+                        peft_eager_us=t_eager,
+                        peft_compiled_us=t_comp,
+                        lily_ext_us=t_ours,
+                        base_linear_us=t_base,
+                    )
+                )
+                print(
+                    f"  {what:11s} N={N:<5d} {direction:8s} eager {t_eager:9.1f}  compiled {t_comp:9.1f}  "
+                    f"lily_ext {t_ours:9.1f} us",
+                    flush=True,
+                )
             # token mode both ways: the tiled kernel (default) and LILY_CUDA_KRON=gemm
             for mode, knob in (("sequence", None), ("token", None), ("token", "gemm"), ("static", None)):
                 Rm = (theta0 if mode == "static" else R0).clone().requires_grad_(train)
@@ -150,30 +166,48 @@ def run(args):
                 if knob:
                     os.environ["LILY_CUDA_KRON"] = knob
                 try:
-                    t = median_us(step(lambda a, b, c, s, m=mode: lily_mix(a, b, c, s, m), (hm, Rm, Bk, SCALING), (h, Rm, Bk), g), args.budget)
+                    t = median_us(
+                        step(lambda a, b, c, s, m=mode: lily_mix(a, b, c, s, m), (hm, Rm, Bk, SCALING), (h, Rm, Bk), g),
+                        args.budget,
+                    )
                 finally:
                     os.environ.pop("LILY_CUDA_KRON", None)
                 label = mode + (f", LILY_CUDA_KRON={knob}" if knob else "")
-                rows.append(dict(what=f"routed mix ({label})", N=N, direction=direction, peft_eager_us=float("nan"),
-                                 peft_compiled_us=float("nan"), lily_ext_us=t, base_linear_us=float("nan")))
+                rows.append(
+                    dict(
+                        what=f"routed mix ({label})",
+                        N=N,
+                        direction=direction,
+                        peft_eager_us=float("nan"),
+                        peft_compiled_us=float("nan"),
+                        lily_ext_us=t,
+                        base_linear_us=float("nan"),
+                    )
+                )
     return rows, checks
 
 
 def print_tables(rows, checks, args):
     info = lily_ext.build_info()
     print()
-    print(f"torch {info['torch']}, {torch.cuda.get_device_name()}, {args.dtype}, in = out = {HIDDEN}, r = {RANK}, "
-          f"E = {EXPERTS}, batch routing; CUDA-event medians in us")
+    print(
+        f"torch {info['torch']}, {torch.cuda.get_device_name()}, {args.dtype}, in = out = {HIDDEN}, r = {RANK}, "
+        f"E = {EXPERTS}, batch routing; CUDA-event medians in us"
+    )
     print()
-    print("| what | N | pass | PEFT eager | PEFT torch.compile | lily_ext | vs eager | vs compiled | base linear alone |")
+    print(
+        "| what | N | pass | PEFT eager | PEFT torch.compile | lily_ext | vs eager | vs compiled | base linear alone |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["what"].startswith("routed mix ("):
             continue
         sp_e = r["peft_eager_us"] / r["lily_ext_us"]
         sp_c = r["peft_compiled_us"] / r["lily_ext_us"]
-        print(f"| {r['what']} | {r['N']} | {r['direction']} | {r['peft_eager_us']:.1f} | {r['peft_compiled_us']:.1f} | "
-              f"{r['lily_ext_us']:.1f} | {sp_e:.2f}x | {sp_c:.2f}x | {r['base_linear_us']:.1f} |")
+        print(
+            f"| {r['what']} | {r['N']} | {r['direction']} | {r['peft_eager_us']:.1f} | {r['peft_compiled_us']:.1f} | "
+            f"{r['lily_ext_us']:.1f} | {sp_e:.2f}x | {sp_c:.2f}x | {r['base_linear_us']:.1f} |"
+        )
     print()
     print("| lily_ext routed mix, other modes | N | pass | us |")
     print("|---|---:|---|---:|")
@@ -200,7 +234,9 @@ def main():
     print_tables(rows, checks, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "checks": checks, "dtype": args.dtype, "build": lily_ext.build_info()}, f, indent=1)
+            json.dump(
+                {"rows": rows, "checks": checks, "dtype": args.dtype, "build": lily_ext.build_info()}, f, indent=1
+            )
     return 0
 
 

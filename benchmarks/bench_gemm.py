@@ -50,12 +50,27 @@ def main():
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "gemm_bench")
-        subprocess.run([cxx, "-O3", "-std=c++17", f"-I{ROOT}/csrc", f"{ROOT}/benchmarks/cpp/gemm_bench.cpp",
-                        f"{ROOT}/csrc/lily/cpu_gemm.cpp", "-o", exe], check=True)
+        subprocess.run(
+            [
+                cxx,
+                "-O3",
+                "-std=c++17",
+                f"-I{ROOT}/csrc",
+                f"{ROOT}/benchmarks/cpp/gemm_bench.cpp",
+                f"{ROOT}/csrc/lily/cpu_gemm.cpp",
+                "-o",
+                exe,
+            ],
+            check=True,
+        )
         rows = []
         for label, M, N, K, ta, tb in SHAPES:
-            out = subprocess.run([exe, str(M), str(N), str(K), str(int(ta)), str(int(tb)), str(args.repeats)],
-                                 check=True, capture_output=True, text=True).stdout.split()
+            out = subprocess.run(
+                [exe, str(M), str(N), str(K), str(int(ta)), str(int(tb)), str(args.repeats)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()
             kernel, ours = out[0], float(out[1])
             ref = torch_median(M, N, K, ta, tb, args.repeats)
             rows.append((label, M, N, K, ta, tb, ours, ref))
@@ -65,8 +80,10 @@ def main():
     print("|---|---|---:|---:|---:|---:|---:|")
     for label, M, N, K, ta, tb, ours, ref in rows:
         flop = 2.0 * M * N * K
-        print(f"| {label} | {M}x{N}x{K}{' (A^T)' if ta else ''}{' (B^T)' if tb else ''} | {ours * 1e3:.2f} | "
-              f"{flop / ours / 1e9:.1f} | {ref * 1e3:.2f} | {flop / ref / 1e9:.1f} | {ref / ours:.0%} |")
+        print(
+            f"| {label} | {M}x{N}x{K}{' (A^T)' if ta else ''}{' (B^T)' if tb else ''} | {ours * 1e3:.2f} | "
+            f"{flop / ours / 1e9:.1f} | {ref * 1e3:.2f} | {flop / ref / 1e9:.1f} | {ref / ours:.0%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ def _call(model: LilyModel, batch):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
-    raise TypeError(f"batches: each item must be a tuple of positional arguments or a dict of keyword arguments, got {type(batch).__name__}")
+    raise TypeError(
+        f"batches: each item must be a tuple of positional arguments or a dict of keyword arguments, got {type(batch).__name__}"
+    )
 
 
 def _token_mask(layer, hidden):
@@ -70,8 +72,14 @@ def freeze_router(model: LilyModel, batches: Iterable, adapter_name: str | None 
                 return
             # pass 2: the same input through dynamic and frozen routing
             bank, scaling, routing = layer.bank(name), layer.scaling[name], layer.routing[name]
-            dynamic = routed_mix(hidden, layer.lily_router[name].weight, bank, scaling=scaling, mode=routing,
-                                           mask=layer.sequence_mask(hidden) if routing == "sequence" else None)
+            dynamic = routed_mix(
+                hidden,
+                layer.lily_router[name].weight,
+                bank,
+                scaling=scaling,
+                mode=routing,
+                mask=layer.sequence_mask(hidden) if routing == "sequence" else None,
+            )
             theta = torch.log(weights[path].clamp_min(1e-300)).to(hidden.dtype).to(hidden.device)
             frozen = routed_mix(hidden, theta, bank, scaling=scaling, mode="static")
             diff = (frozen - dynamic).double() * mask.unsqueeze(-1)
@@ -103,6 +111,9 @@ def freeze_router(model: LilyModel, batches: Iterable, adapter_name: str | None 
         model.set_adapter(previous)
     report = {}
     for path, (num, den, peak) in errors.items():
-        report[path] = {"relative_error": (num / den) ** 0.5 if den > 0 else 0.0, "max_abs_error": peak,
-                        "weights": weights[path].tolist()}
+        report[path] = {
+            "relative_error": (num / den) ** 0.5 if den > 0 else 0.0,
+            "max_abs_error": peak,
+            "weights": weights[path].tolist(),
+        }
     return report

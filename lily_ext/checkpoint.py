@@ -67,7 +67,9 @@ def adapter_tensors(model, adapter_name: str) -> dict[str, torch.Tensor]:
 
 
 def _saved_module_paths(model, adapter_name: str) -> list[str]:
-    return [p for p, m in model.model.named_modules() if isinstance(m, ModulesToSave) and adapter_name in m.modules_to_save]
+    return [
+        p for p, m in model.model.named_modules() if isinstance(m, ModulesToSave) and adapter_name in m.modules_to_save
+    ]
 
 
 def _base_model_info(model: nn.Module) -> dict:
@@ -113,14 +115,20 @@ def _read_record(path: Path) -> dict:
         raise AdapterLoadError(f"path: {str(path)!r} is not an adapter directory")
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
-        hint = " (it looks like a PEFT adapter: use lily_ext.load_peft_adapter)" if (path / "adapter_config.json").exists() else ""
+        hint = (
+            " (it looks like a PEFT adapter: use lily_ext.load_peft_adapter)"
+            if (path / "adapter_config.json").exists()
+            else ""
+        )
         raise AdapterLoadError(f"{CONFIG_NAME}: missing in {str(path)!r}{hint}")
     try:
         record = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterLoadError(f"{CONFIG_NAME}: not valid JSON ({e})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise AdapterLoadError(f"{CONFIG_NAME}: not a lily_ext adapter (format {record.get('format') if isinstance(record, dict) else None!r})")
+        raise AdapterLoadError(
+            f"{CONFIG_NAME}: not a lily_ext adapter (format {record.get('format') if isinstance(record, dict) else None!r})"
+        )
     version = record.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise AdapterLoadError(
@@ -152,25 +160,38 @@ def read_adapter(base_model: nn.Module, path) -> tuple[LilyConfig, list[ShareGro
     saved_groups = record["groups"]
     for g, group in enumerate(groups):
         if g >= len(saved_groups):
-            raise AdapterLoadError(f"the adapter does not fit this base model: it adapts no layers like {group.layers[0]!r}")
+            raise AdapterLoadError(
+                f"the adapter does not fit this base model: it adapts no layers like {group.layers[0]!r}"
+            )
         saved = saved_groups[g]
         if saved.get("layers") != group.layers or tuple(saved.get("shape", ())) != group.shape:
             mine = dict(zip(group.layers, [group.shape] * len(group.layers)))
             theirs = dict(zip(saved.get("layers", []), [tuple(saved.get("shape", ()))] * len(saved.get("layers", []))))
-            first = next((k for k in theirs if k not in mine or mine[k] != theirs[k]), None) or next(k for k in mine if k not in theirs)
-            what = f"weight shape {list(mine[first])}, the adapter expects {list(theirs[first])}" if first in mine and first in theirs else (
-                "not in this base model" if first not in mine else "not adapted by the saved adapter")
+            first = next((k for k in theirs if k not in mine or mine[k] != theirs[k]), None) or next(
+                k for k in mine if k not in theirs
+            )
+            what = (
+                f"weight shape {list(mine[first])}, the adapter expects {list(theirs[first])}"
+                if first in mine and first in theirs
+                else ("not in this base model" if first not in mine else "not adapted by the saved adapter")
+            )
             raise AdapterLoadError(f"the adapter does not fit this base model: layer {first!r}: {what}")
     if len(saved_groups) != len(groups):
-        raise AdapterLoadError(f"the adapter does not fit this base model: layer {saved_groups[len(groups)]['layers'][0]!r} is missing")
+        raise AdapterLoadError(
+            f"the adapter does not fit this base model: layer {saved_groups[len(groups)]['layers'][0]!r} is missing"
+        )
     if record["modules_to_save"] != save_paths:
-        raise AdapterLoadError(f"modules_to_save: the adapter saved {record['modules_to_save']}, this base model has {save_paths}")
+        raise AdapterLoadError(
+            f"modules_to_save: the adapter saved {record['modules_to_save']}, this base model has {save_paths}"
+        )
 
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterLoadError(f"{WEIGHTS_NAME}: missing in {str(path)!r}")
     if _sha256(weights) != record["weights_sha256"]:
-        raise AdapterLoadError(f"{WEIGHTS_NAME}: contents do not match the checksum in {CONFIG_NAME} (truncated or corrupted file)")
+        raise AdapterLoadError(
+            f"{WEIGHTS_NAME}: contents do not match the checksum in {CONFIG_NAME} (truncated or corrupted file)"
+        )
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -184,7 +205,9 @@ def read_adapter(base_model: nn.Module, path) -> tuple[LilyConfig, list[ShareGro
             raise AdapterLoadError(f"{WEIGHTS_NAME}: unexpected tensor {key!r}")
         shape, dtype = expected[key]
         if tuple(tensors[key].shape) != shape:
-            raise AdapterLoadError(f"{WEIGHTS_NAME}: tensor {key!r} has shape {list(tensors[key].shape)}, expected {list(shape)}")
+            raise AdapterLoadError(
+                f"{WEIGHTS_NAME}: tensor {key!r} has shape {list(tensors[key].shape)}, expected {list(shape)}"
+            )
         want = dtype if dtype is not None else getattr(torch, record.get("dtype") or "float32", None)
         if want is not None and tensors[key].dtype != want:
             raise AdapterLoadError(f"{WEIGHTS_NAME}: tensor {key!r} has dtype {tensors[key].dtype}, expected {want}")
@@ -230,7 +253,9 @@ def load_weights_into(model, path, adapter_name: str | None = None) -> None:
     adapter_name = adapter_name or model.active_adapter
     config, _, tensors = read_adapter(model.model, path)
     if config != model.configs[adapter_name]:
-        raise AdapterLoadError(f"the adapter at {str(path)!r} has config {config}, adapter {adapter_name!r} has {model.configs[adapter_name]}")
+        raise AdapterLoadError(
+            f"the adapter at {str(path)!r} has config {config}, adapter {adapter_name!r} has {model.configs[adapter_name]}"
+        )
     assign_tensors(model, adapter_name, tensors)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 ROUTINGS = ("batch", "sequence", "token", "static")
 
@@ -35,11 +34,11 @@ class LilyConfig:
     stride_A: int = 1
     num_B: int = 2
     scaling: float = 1.0
-    target_modules: Optional[Union[list[str], str]] = None
-    exclude_modules: Optional[Union[list[str], str]] = None
-    layers_to_transform: Optional[Union[list[int], int]] = None
-    layers_pattern: Optional[Union[list[str], str]] = None
-    modules_to_save: Optional[list[str]] = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
     init_weights: bool = True
     routing: str = field(default="batch")
 
@@ -51,15 +50,19 @@ class LilyConfig:
         positive_int("r", self.r, 1)
         positive_int("stride_A", self.stride_A, 1)
         if isinstance(self.num_B, int) and not isinstance(self.num_B, bool) and self.num_B < 2:
-            raise ValueError(
-                f"LilyConfig.num_B: the router mixes B experts and needs num_B >= 2, got {self.num_B}"
-            )
+            raise ValueError(f"LilyConfig.num_B: the router mixes B experts and needs num_B >= 2, got {self.num_B}")
         positive_int("num_B", self.num_B, 2)
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+        if (
+            isinstance(self.scaling, bool)
+            or not isinstance(self.scaling, (int, float))
+            or not math.isfinite(self.scaling)
+        ):
             raise ValueError(f"LilyConfig.scaling: expected a finite number, got {self.scaling!r}")
         self.scaling = float(self.scaling)
         if self.routing not in ROUTINGS:
-            raise ValueError(f"LilyConfig.routing: expected one of {', '.join(map(repr, ROUTINGS))}, got {self.routing!r}")
+            raise ValueError(
+                f"LilyConfig.routing: expected one of {', '.join(map(repr, ROUTINGS))}, got {self.routing!r}"
+            )
         for name in ("target_modules", "exclude_modules", "layers_pattern"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
@@ -79,7 +82,9 @@ class LilyConfig:
         if layers is not None:
             if isinstance(layers, int) and not isinstance(layers, bool):
                 pass
-            elif not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            elif not isinstance(layers, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers
+            ):
                 raise ValueError(f"LilyConfig.layers_to_transform: expected an int or a list of int, got {layers!r}")
         if self.layers_pattern is not None and layers is None:
             raise ValueError("LilyConfig.layers_pattern: only meaningful together with layers_to_transform")
@@ -90,7 +95,7 @@ class LilyConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LilyConfig":
+    def from_dict(cls, data: dict) -> LilyConfig:
         if not isinstance(data, dict):
             raise ValueError(f"LilyConfig: expected a dict of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}

@@ -17,8 +17,21 @@ FORMS = ("custom", "decomposed", "merged")
 DOMAIN = "lily"
 DOMAIN_VERSION = 1
 # What the ONNX Runtime op accepts as a mask (export/RoutedMix.md).
-MASK_TYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "bfloat16",
-              "float", "double")
+MASK_TYPES = (
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "bfloat16",
+    "float",
+    "double",
+)
 
 _schema_registered = False
 
@@ -36,13 +49,20 @@ def register_onnx_schema() -> None:
     ):
         P = OpSchema.FormalParameter
         schema = OpSchema(
-            "RoutedMix", DOMAIN, DOMAIN_VERSION,
+            "RoutedMix",
+            DOMAIN,
+            DOMAIN_VERSION,
             "Lily routed B-bank mixing: scaling * hidden @ sum_e w_e bank[e], w chosen by `mode` (see lily_ext).",
             inputs=[
                 P("hidden", "T", "[..., r]"),
                 P("router", "T", "[E, r], or theta [E] for mode static"),
                 P("bank", "T", "[E, r, out]"),
-                P("mask", "M", "sequence mode: hidden.shape[:-1], nonzero = token counts", param_option=OpSchema.FormalParameterOption.Optional),
+                P(
+                    "mask",
+                    "M",
+                    "sequence mode: hidden.shape[:-1], nonzero = token counts",
+                    param_option=OpSchema.FormalParameterOption.Optional,
+                ),
             ],
             outputs=[P("delta", "T", "[..., out]")],
             type_constraints=[
@@ -51,7 +71,9 @@ def register_onnx_schema() -> None:
             ],
             attributes=[
                 OpSchema.Attribute("scaling", onnx.helper.make_attribute("scaling", 1.0), "multiplier of the delta"),
-                OpSchema.Attribute("mode", onnx.helper.make_attribute("mode", "batch"), "batch | sequence | token | static"),
+                OpSchema.Attribute(
+                    "mode", onnx.helper.make_attribute("mode", "batch"), "batch | sequence | token | static"
+                ),
             ],
         )
         onnx.defs.register_schema(schema)
@@ -76,8 +98,10 @@ def _routed_mix_symbolic(g, hidden, router, bank, scaling, mode, mask):
     if not symbolic_helper._is_none(mask):
         inputs.append(mask)
     return g.op(
-        f"{DOMAIN}::RoutedMix", *inputs,
-        scaling_f=symbolic_helper._parse_arg(scaling, "f"), mode_s=symbolic_helper._parse_arg(mode, "s"),
+        f"{DOMAIN}::RoutedMix",
+        *inputs,
+        scaling_f=symbolic_helper._parse_arg(scaling, "f"),
+        mode_s=symbolic_helper._parse_arg(mode, "s"),
     )
 
 
@@ -143,8 +167,17 @@ def _exportable(model: nn.Module, form: str) -> nn.Module:
     return model.model if isinstance(model, LilyModel) else model
 
 
-def export_onnx(model: nn.Module, args=(), path=None, *, form: str = "custom", dynamic_shapes=None, opset=None,
-                kwargs=None, dynamo: bool = True):
+def export_onnx(
+    model: nn.Module,
+    args=(),
+    path=None,
+    *,
+    form: str = "custom",
+    dynamic_shapes=None,
+    opset=None,
+    kwargs=None,
+    dynamo: bool = True,
+):
     """Exports ``model`` (a LilyModel or a module containing Lily layers) to ONNX and returns the ModelProto.
 
     Args:
@@ -170,12 +203,21 @@ def export_onnx(model: nn.Module, args=(), path=None, *, form: str = "custom", d
         with torch.no_grad(), _quiet_exporter():
             if dynamo:
                 if form == "decomposed":
-                    target = _decompose(torch.export.export(target, args, kwargs=kwargs,
-                                                            dynamic_shapes=_export_dims(dynamic_shapes), strict=False))
+                    target = _decompose(
+                        torch.export.export(
+                            target, args, kwargs=kwargs, dynamic_shapes=_export_dims(dynamic_shapes), strict=False
+                        )
+                    )
                 program = torch.onnx.export(
-                    target, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                    target,
+                    args,
+                    kwargs=kwargs,
+                    dynamo=True,
+                    dynamic_shapes=dynamic_shapes,
+                    opset_version=opset,
                     custom_translation_table={torch.ops.lily.routed_mix.default: _routed_mix_translation},
-                    external_data=False, verbose=False,
+                    external_data=False,
+                    verbose=False,
                 )
                 proto = program.model_proto
             else:
@@ -184,8 +226,16 @@ def export_onnx(model: nn.Module, args=(), path=None, *, form: str = "custom", d
                 import io
 
                 buffer = io.BytesIO()
-                torch.onnx.export(target, args, buffer, kwargs=kwargs, dynamo=False, opset_version=opset or 17,
-                                  custom_opsets={DOMAIN: DOMAIN_VERSION}, input_names=None)
+                torch.onnx.export(
+                    target,
+                    args,
+                    buffer,
+                    kwargs=kwargs,
+                    dynamo=False,
+                    opset_version=opset or 17,
+                    custom_opsets={DOMAIN: DOMAIN_VERSION},
+                    input_names=None,
+                )
                 import onnx
 
                 proto = onnx.load_from_string(buffer.getvalue())

@@ -51,13 +51,25 @@ class LilyLinear(nn.Module):
         dtype = self.base_layer.weight.dtype
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
-    def add_adapter(self, name: str, r: int, num_B: int, scaling: float, routing: str, init_weights: bool,
-                    lily_A: nn.Linear | None = None, lily_B: nn.Linear | None = None, dtype=None) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        num_B: int,
+        scaling: float,
+        routing: str,
+        init_weights: bool,
+        lily_A: nn.Linear | None = None,
+        lily_B: nn.Linear | None = None,
+        dtype=None,
+    ) -> None:
         """Adds adapter ``name``; ``lily_A`` / ``lily_B`` are the shared modules (created when None)."""
         factory = {"device": self.base_layer.weight.device, "dtype": dtype or self.adapter_dtype()}
         self.r[name], self.num_B[name], self.scaling[name], self.routing[name] = r, num_B, scaling, routing
         self.lily_A[name] = lily_A if lily_A is not None else nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lily_B[name] = lily_B if lily_B is not None else nn.Linear(self.out_features, num_B * r, bias=False, **factory)
+        self.lily_B[name] = (
+            lily_B if lily_B is not None else nn.Linear(self.out_features, num_B * r, bias=False, **factory)
+        )
         if routing == "static":
             self.lily_theta[name] = nn.Parameter(torch.empty(num_B, **factory))
         else:
@@ -139,9 +151,14 @@ class LilyLinear(nn.Module):
         mask = self._context.mask
         if mask is None or tuple(mask.shape) == tuple(hidden.shape[:-1]):
             return mask
-        if hidden.dim() == 3 and mask.dim() == 2 and mask.shape[0] == hidden.shape[0] and mask.shape[1] > hidden.shape[1]:
+        if (
+            hidden.dim() == 3
+            and mask.dim() == 2
+            and mask.shape[0] == hidden.shape[0]
+            and mask.shape[1] > hidden.shape[1]
+        ):
             # decoding with a KV cache: the mask covers past tokens too; the current ones are last
-            return mask[:, -hidden.shape[1]:]
+            return mask[:, -hidden.shape[1] :]
         raise ValueError(
             f"sequence routing: the attention_mask has shape {list(mask.shape)} but this layer's input "
             f"is {list(hidden.shape[:-1])} tokens; pass a [batch, seq] mask that matches the input"
@@ -156,7 +173,9 @@ class LilyLinear(nn.Module):
         hidden = F.linear(x.to(A.dtype), A)
         routing = self.routing[name]
         mask = self.sequence_mask(hidden) if routing == "sequence" else None
-        delta = routed_mix(hidden, self.router(name), self.bank(name), scaling=self.scaling[name], mode=routing, mask=mask)
+        delta = routed_mix(
+            hidden, self.router(name), self.bank(name), scaling=self.scaling[name], mode=routing, mask=mask
+        )
         return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:

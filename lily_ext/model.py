@@ -8,8 +8,8 @@ import inspect
 import torch
 from torch import nn
 
-from .config import LilyConfig
 from .checkpoint import adapter_dtype, assign_tensors, load_into, read_adapter, save_adapter
+from .config import LilyConfig
 from .layer import LilyLinear, ModulesToSave, RoutingContext
 from .peft_format import save_peft_adapter
 from .targets import ShareGroup, modules_to_save_paths, plan_adapter, set_module
@@ -32,8 +32,15 @@ class LilyModel(nn.Module):
     ``model.generate``...), as with PEFT's models.
     """
 
-    def __init__(self, model: nn.Module, config: LilyConfig, adapter_name: str = "default", *,
-                 dtype: torch.dtype | None = None, trainable: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LilyConfig,
+        adapter_name: str = "default",
+        *,
+        dtype: torch.dtype | None = None,
+        trainable: bool = True,
+    ):
         super().__init__()
         self.model = model
         self.configs: dict[str, LilyConfig] = {}
@@ -76,8 +83,9 @@ class LilyModel(nn.Module):
     def lily_layers(self):
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LilyLinear)]
 
-    def add_adapter(self, adapter_name: str, config: LilyConfig, *, dtype: torch.dtype | None = None,
-                    trainable: bool = True) -> None:
+    def add_adapter(
+        self, adapter_name: str, config: LilyConfig, *, dtype: torch.dtype | None = None, trainable: bool = True
+    ) -> None:
         """Injects a new adapter (not made active: see ``set_adapter``).
 
         ``dtype``: of the adapter weights (default: the base layer's, float32 for half precision);
@@ -100,8 +108,17 @@ class LilyModel(nn.Module):
                     if not isinstance(layer, LilyLinear):
                         layer = LilyLinear(layer, self._context)
                         set_module(self.model, path, layer)
-                    layer.add_adapter(adapter_name, config.r, config.num_B, config.scaling, config.routing,
-                                      config.init_weights, lily_A=shared_A, lily_B=shared_B, dtype=dtype)
+                    layer.add_adapter(
+                        adapter_name,
+                        config.r,
+                        config.num_B,
+                        config.scaling,
+                        config.routing,
+                        config.init_weights,
+                        lily_A=shared_A,
+                        lily_B=shared_B,
+                        dtype=dtype,
+                    )
                     shared_A, shared_B = layer.lily_A[adapter_name], layer.lily_B[adapter_name]
                     layer.requires_grad_(False)
         for path in save_paths:
@@ -228,7 +245,9 @@ class LilyModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ---- checkpoints (lily_ext/checkpoint.py, lily_ext/peft_format.py) ---------------------
 

@@ -124,7 +124,9 @@ def _register_autocast(device_type: str) -> None:
     def kernel(hidden, router, bank, scaling, mode, mask=None):
         dtype = torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return torch.ops.lily.routed_mix.default(hidden.to(dtype), router.to(dtype), bank.to(dtype), scaling, mode, mask)
+            return torch.ops.lily.routed_mix.default(
+                hidden.to(dtype), router.to(dtype), bank.to(dtype), scaling, mode, mask
+            )
 
     _autocast_lib.impl("routed_mix", kernel, key)
 

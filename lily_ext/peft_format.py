@@ -11,8 +11,18 @@ from .config import LilyConfig
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
-CONFIG_FIELDS = ("r", "stride_A", "num_B", "scaling", "target_modules", "exclude_modules",
-                  "layers_to_transform", "layers_pattern", "modules_to_save", "init_weights")
+CONFIG_FIELDS = (
+    "r",
+    "stride_A",
+    "num_B",
+    "scaling",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "init_weights",
+)
 
 
 def config_from_peft(fields: dict, modules_to_save) -> LilyConfig:
@@ -55,7 +65,7 @@ def save_peft_adapter(model, path, adapter_name: str | None = None) -> None:
             state[f"{PREFIX}{p}.lily_router.weight"] = ours[f"router.{p}"]
     for key, value in ours.items():
         if key.startswith("save."):
-            state[PREFIX + key[len("save."):]] = value
+            state[PREFIX + key[len("save.") :]] = value
     state = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
     fields = {k: getattr(config, k) for k in CONFIG_FIELDS}
     peft_config = PeftLilyConfig(**fields)

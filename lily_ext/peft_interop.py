@@ -27,7 +27,7 @@ def _saved_modules_from_keys(base_model: nn.Module, keys) -> list[str]:
     for key in keys:
         if ".lily_" in key or not key.startswith(PREFIX):
             continue
-        path = key[len(PREFIX):].rpartition(".")[0]
+        path = key[len(PREFIX) :].rpartition(".")[0]
         while path and path not in modules:
             path = path.rpartition(".")[0]
         if path and path not in paths:
@@ -35,7 +35,9 @@ def _saved_modules_from_keys(base_model: nn.Module, keys) -> list[str]:
     return paths
 
 
-def _from_peft_state(base_model: nn.Module, fields: dict, state: dict, adapter_name: str, is_trainable: bool) -> LilyModel:
+def _from_peft_state(
+    base_model: nn.Module, fields: dict, state: dict, adapter_name: str, is_trainable: bool
+) -> LilyModel:
     """Builds a LilyModel from PEFT's state-dict layout, after checking it fully."""
     config = config_from_peft(fields, _saved_modules_from_keys(base_model, state))
     try:
@@ -48,7 +50,9 @@ def _from_peft_state(base_model: nn.Module, fields: dict, state: dict, adapter_n
         if key not in state:
             raise AdapterLoadError(f"PEFT adapter: missing tensor {key!r}")
         if tuple(state[key].shape) != tuple(shape):
-            raise AdapterLoadError(f"PEFT adapter: tensor {key!r} has shape {list(state[key].shape)}, expected {list(shape)}")
+            raise AdapterLoadError(
+                f"PEFT adapter: tensor {key!r} has shape {list(state[key].shape)}, expected {list(shape)}"
+            )
         return state[key]
 
     E, r = config.num_B, config.r
@@ -61,7 +65,9 @@ def _from_peft_state(base_model: nn.Module, fields: dict, state: dict, adapter_n
             used.update(keys)
             for k in keys[1:]:
                 if not torch.equal(take(k, (r, inp)), tensors[f"group.{g}.A.{b}"]):
-                    raise AdapterLoadError(f"PEFT adapter: {k!r} differs from {keys[0]!r}, which it should share (stride_A={config.stride_A})")
+                    raise AdapterLoadError(
+                        f"PEFT adapter: {k!r} differs from {keys[0]!r}, which it should share (stride_A={config.stride_A})"
+                    )
         keys = [f"{PREFIX}{p}.lily_B.weight" for p in group.layers]
         tensors[f"group.{g}.B"] = take(keys[0], (E * r, out))
         used.update(keys)
@@ -81,13 +87,16 @@ def _from_peft_state(base_model: nn.Module, fields: dict, state: dict, adapter_n
     if unexpected:
         raise AdapterLoadError(f"PEFT adapter: unexpected tensor {unexpected[0]!r} (not a layer this config adapts)")
     dtypes = {t.dtype for k, t in tensors.items() if not k.startswith("save.")}
-    model = LilyModel(base_model, config, adapter_name, dtype=dtypes.pop() if len(dtypes) == 1 else None,
-                      trainable=is_trainable)
+    model = LilyModel(
+        base_model, config, adapter_name, dtype=dtypes.pop() if len(dtypes) == 1 else None, trainable=is_trainable
+    )
     assign_tensors(model, adapter_name, tensors)
     return model
 
 
-def load_peft_adapter(base_model: nn.Module, peft_dir, adapter_name: str = "default", is_trainable: bool = False) -> LilyModel:
+def load_peft_adapter(
+    base_model: nn.Module, peft_dir, adapter_name: str = "default", is_trainable: bool = False
+) -> LilyModel:
     """Loads a Lily adapter directory written by PEFT's ``save_pretrained`` onto ``base_model``."""
     peft_dir = Path(peft_dir)
     config_file = peft_dir / PEFT_CONFIG_NAME

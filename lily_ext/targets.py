@@ -142,7 +142,7 @@ def modules_to_save_paths(model: nn.Module, config: LilyConfig) -> list[str]:
     if not config.modules_to_save:
         return []
     paths = []
-    for key, module in model.named_modules():
+    for key, _ in model.named_modules():
         inner = f".{key}."
         if ".modules_to_save." in inner or ".original_module." in inner or any(key.startswith(p + ".") for p in paths):
             continue

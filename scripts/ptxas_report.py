@@ -1,6 +1,6 @@
 """Per-kernel register / shared-memory / spill table from a build log made with -Xptxas=-v.
 
-    python scripts/ptxas_report.py build.log
+python scripts/ptxas_report.py build.log
 """
 
 import re
@@ -61,7 +61,10 @@ def main():
     for r in rows:
         print(f"| {r['name']} | {r['arch']} | {r['regs']} | {r['smem']} | {r['stack']} | {r['spill']} |")
     spills = [r for r in rows if r["spill"] != "0/0"]
-    print(f"\n{len(rows)} kernels, {len(spills)} with spills" + (": " + ", ".join(r["name"] for r in spills) if spills else ""))
+    print(
+        f"\n{len(rows)} kernels, {len(spills)} with spills"
+        + (": " + ", ".join(r["name"] for r in spills) if spills else "")
+    )
 
 
 if __name__ == "__main__":

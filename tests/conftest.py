@@ -18,7 +18,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import cxx_compiler
 
 # test_distributed.py stays as it is (its own module): its marker is given here

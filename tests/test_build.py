@@ -23,10 +23,16 @@ def test_build_info_fields():
 
 
 def test_cuda_kernels_compiled_when_a_toolkit_is_present():
-    if os.environ.get("LILY_EXT_CUDA") == "0" or torch.version.cuda is None or not (shutil.which("nvcc") or os.environ.get("CUDA_HOME")):
+    if (
+        os.environ.get("LILY_EXT_CUDA") == "0"
+        or torch.version.cuda is None
+        or not (shutil.which("nvcc") or os.environ.get("CUDA_HOME"))
+    ):
         pytest.skip("no CUDA toolkit or a CPU build of torch (or LILY_EXT_CUDA=0): CUDA sources are not compiled")
     info = lily_ext.build_info()
-    assert info["cuda_kernels"], "a CUDA toolkit and a CUDA build of torch are present, but no CUDA kernels were compiled"
+    assert info["cuda_kernels"], (
+        "a CUDA toolkit and a CUDA build of torch are present, but no CUDA kernels were compiled"
+    )
     assert info["cuda_archs"] and info["nvcc"]
     assert torch._C._dispatch_has_kernel_for_dispatch_key("lily::routed_mix_backward", "CUDA")
 
@@ -35,5 +41,7 @@ def test_onnxruntime_library_built():
     info = lily_ext.build_info()
     if (info["onnxruntime_library_reason"] or "").startswith("disabled by LILY_EXT_ORT=0"):  # the build's record
         pytest.skip("LILY_EXT_ORT=0: built without the ONNX Runtime library on request")
-    assert info["onnxruntime_library"], f"the ONNX Runtime library was not built: {info.get('onnxruntime_library_reason')}"
+    assert info["onnxruntime_library"], (
+        f"the ONNX Runtime library was not built: {info.get('onnxruntime_library_reason')}"
+    )
     assert os.path.isfile(lily_ext.ort_library_path())

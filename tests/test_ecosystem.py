@@ -20,18 +20,33 @@ class TopicData(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i],
-                "unused_column": "dropped by the Trainer"}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones(8, dtype=torch.long),
+            "labels": self.labels[i],
+            "unused_column": "dropped by the Trainer",
+        }
 
 
 def test_lily_trainer_trains_saves_and_resumes(tmp_path):
     from transformers import TrainingArguments
 
     base = tiny_bert()
-    config = LilyConfig(r=4, num_B=3, target_modules=["query", "value"], modules_to_save=["classifier"], routing="sequence")
+    config = LilyConfig(
+        r=4, num_B=3, target_modules=["query", "value"], modules_to_save=["classifier"], routing="sequence"
+    )
     model = get_lily_model(copy.deepcopy(base), config)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, save_steps=2,
-                             learning_rate=5e-3, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        save_steps=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = lily_ext.LilyTrainer(model=model, args=args, train_dataset=TopicData())
     result = trainer.train()
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
@@ -42,7 +57,9 @@ def test_lily_trainer_trains_saves_and_resumes(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=0, atol=0)
     # resume: a fresh model picks up the step-4 checkpoint's weights and optimizer
     again = get_lily_model(copy.deepcopy(base), config)
-    resumed = lily_ext.LilyTrainer(model=again, args=TrainingArguments(**{**args.to_dict(), "max_steps": 5}), train_dataset=TopicData())
+    resumed = lily_ext.LilyTrainer(
+        model=again, args=TrainingArguments(**{**args.to_dict(), "max_steps": 5}), train_dataset=TopicData()
+    )
     assert resumed.train(resume_from_checkpoint=True).global_step == 5
     with pytest.raises(TypeError, match="LilyTrainer trains a lily_ext.LilyModel"):
         lily_ext.LilyTrainer(model=base, args=args)
@@ -50,7 +67,9 @@ def test_lily_trainer_trains_saves_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static"])
 def test_bf16_autocast_on_cpu(routing):
-    model = get_lily_model(tiny_bert(), LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing=routing, init_weights=False))
+    model = get_lily_model(
+        tiny_bert(), LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing=routing, init_weights=False)
+    )
     ids = token_batch()
     reference = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -94,13 +94,17 @@ def test_freeze_router_reports_deviation_and_ignores_padding():
     ids = token_batch(4, 9)
     mask = torch.ones_like(ids)
     mask[:, 6:] = 0
-    report = lily_ext.freeze_router(model, [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:2], "attention_mask": mask[:2]}])
+    report = lily_ext.freeze_router(
+        model, [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:2], "attention_mask": mask[:2]}]
+    )
     errors = [r["relative_error"] for r in report.values()]
     assert all(0 < e < 1 for e in errors)  # token routing is not constant: frozen is close, not equal
     # padded positions do not count: other tokens there give the same frozen weights
     poisoned = ids.clone()
     poisoned[:, 6:] = (poisoned[:, 6:] + 11) % 97
-    twin_report = lily_ext.freeze_router(twin, [{"input_ids": poisoned, "attention_mask": mask}, {"input_ids": poisoned[:2], "attention_mask": mask[:2]}])
+    twin_report = lily_ext.freeze_router(
+        twin, [{"input_ids": poisoned, "attention_mask": mask}, {"input_ids": poisoned[:2], "attention_mask": mask[:2]}]
+    )
     for path in report:
         np.testing.assert_allclose(twin_report[path]["weights"], report[path]["weights"], rtol=1e-6)
 
@@ -130,7 +134,7 @@ def test_torchscript_trace_keeps_one_op_per_layer_and_reloads_in_a_fresh_process
     script = textwrap.dedent(f"""
         import torch, lily_ext
         m = torch.jit.load({str(path)!r})
-        io = torch.load({str(tmp_path / 'io.pt')!r})
+        io = torch.load({str(tmp_path / "io.pt")!r})
         torch.testing.assert_close(m(io["x"]), io["y"])
         print("ok")
     """)
@@ -143,8 +147,9 @@ def test_torch_export_keeps_one_op_per_layer(routing):
     model = lily_net(routing)
     x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.long)
     batch = torch.export.Dim("batch")
-    program = torch.export.export(model.model, (x,), {"attention_mask": mask},
-                                  dynamic_shapes={"x": {0: batch}, "attention_mask": {0: batch}})
+    program = torch.export.export(
+        model.model, (x,), {"attention_mask": mask}, dynamic_shapes={"x": {0: batch}, "attention_mask": {0: batch}}
+    )
     ops = [n for n in program.graph.nodes if n.target is torch.ops.lily.routed_mix.default]
     assert len(ops) == 6
     x2, mask2 = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.long)
@@ -172,12 +177,18 @@ def test_decomposed_form_runs_in_plain_onnxruntime(routing, tmp_path):
 def test_merged_form_is_the_base_graph(tmp_path):
     base = tiny_bert()
     example, other = example_and_other_inputs()
-    base_proto = torch.onnx.export(copy.deepcopy(base).eval(), (), kwargs=example, dynamo=True, dynamic_shapes=DYNAMIC, external_data=False).model_proto
-    model = get_lily_model(base, LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing="static", init_weights=False)).eval()
+    base_proto = torch.onnx.export(
+        copy.deepcopy(base).eval(), (), kwargs=example, dynamo=True, dynamic_shapes=DYNAMIC, external_data=False
+    ).model_proto
+    model = get_lily_model(
+        base, LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing="static", init_weights=False)
+    ).eval()
     proto = export_onnx(model, (), tmp_path / "m.onnx", form="merged", kwargs=example, dynamic_shapes=DYNAMIC)
     assert len(proto.graph.node) == len(base_proto.graph.node)
     assert [n.op_type for n in proto.graph.node] == [n.op_type for n in base_proto.graph.node]
-    np.testing.assert_allclose(ort_run(tmp_path / "m.onnx", other), model(**other).logits.detach().numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        ort_run(tmp_path / "m.onnx", other), model(**other).logits.detach().numpy(), rtol=0, atol=1e-4
+    )
     assert any(isinstance(m, LilyLinear) for m in model.modules())  # the user's model is left as it was
 
 
@@ -219,8 +230,12 @@ def test_custom_form_with_the_torchscript_exporter(tmp_path):
     assert len(nodes) == 6 and all(n.domain == "lily" for n in nodes)
     onnx.checker.check_model(proto)
     x = torch.randn(2, 5, 16)  # the TorchScript exporter fixes the example's shapes
-    np.testing.assert_allclose(ort_run(None, {proto.graph.input[0].name: x}, lily_ext.ort_session(str(tmp_path / "m.onnx"))),
-                               model(x).detach().numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        ort_run(None, {proto.graph.input[0].name: x}, lily_ext.ort_session(str(tmp_path / "m.onnx"))),
+        model(x).detach().numpy(),
+        rtol=0,
+        atol=1e-4,
+    )
 
 
 @pytest.mark.ort
@@ -228,13 +243,15 @@ def test_exported_model_runs_in_a_process_with_only_onnxruntime(tmp_path):
     model = bert_model("sequence")
     example, other = example_and_other_inputs()
     export_onnx(model, (), tmp_path / "m.onnx", form="custom", kwargs=example, dynamic_shapes=DYNAMIC)
-    np.savez(tmp_path / "io.npz", expected=model(**other).logits.detach().numpy(), **{k: v.numpy() for k, v in other.items()})
+    np.savez(
+        tmp_path / "io.npz", expected=model(**other).logits.detach().numpy(), **{k: v.numpy() for k, v in other.items()}
+    )
     script = textwrap.dedent(f"""
         import sys, numpy as np, onnxruntime as ort
         options = ort.SessionOptions()
         options.register_custom_ops_library({lily_ext.ort_library_path()!r})
-        session = ort.InferenceSession({str(tmp_path / 'm.onnx')!r}, options, providers=["CPUExecutionProvider"])
-        io = np.load({str(tmp_path / 'io.npz')!r})
+        session = ort.InferenceSession({str(tmp_path / "m.onnx")!r}, options, providers=["CPUExecutionProvider"])
+        io = np.load({str(tmp_path / "io.npz")!r})
         out = session.run(None, {{"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}})[0]
         assert np.abs(out - io["expected"]).max() < 1e-4
         assert "torch" not in sys.modules and "lily_ext" not in sys.modules

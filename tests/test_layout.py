@@ -73,7 +73,9 @@ def test_the_library_never_imports_the_application():
 def modules_the_package_does_not_import():
     """Importing any submodule imports the package first, so only these can fail on their own."""
     code = "import sys, lily_ext; print(' '.join(m for m in sys.modules if m.startswith('lily_ext')))"
-    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    loaded = set(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    )
     return [n for n in module_names() if n not in loaded and not n.endswith("__main__")]
 
 

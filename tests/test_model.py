@@ -74,7 +74,9 @@ def test_wrapping_twice_is_an_error():
 
 
 def test_sharing_follows_stride_and_target():
-    model = get_lily_model(tiny_llama(layers=5), LilyConfig(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj"]))
+    model = get_lily_model(
+        tiny_llama(layers=5), LilyConfig(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj"])
+    )
     q = [model.model.model.layers[i].self_attn.q_proj for i in range(5)]
     v = [model.model.model.layers[i].self_attn.v_proj for i in range(5)]
     assert all(isinstance(m, LilyLinear) for m in q + v)
@@ -88,7 +90,9 @@ def test_sharing_follows_stride_and_target():
 
 
 def test_base_frozen_adapters_and_modules_to_save_trainable():
-    model = get_lily_model(tiny_bert(), LilyConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    model = get_lily_model(
+        tiny_bert(), LilyConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lily_" in n or ".modules_to_save." in n for n in trainable)
     assert any("classifier.modules_to_save.default" in n for n in trainable)
@@ -131,7 +135,11 @@ def test_llama_matches_peft(config):
 def test_bert_matches_peft_with_classifier(stride_A, num_B):
     base = tiny_bert()
     peft_model, ours = peft_and_ours(
-        base, r=4, stride_A=stride_A, num_B=num_B, target_modules=["query", "value", "dense"],
+        base,
+        r=4,
+        stride_A=stride_A,
+        num_B=num_B,
+        target_modules=["query", "value", "dense"],
         modules_to_save=["classifier"],
     )
     ids, mask = token_batch(), torch.ones(3, 9, dtype=torch.long)
@@ -175,7 +183,10 @@ def padded_batch(samples, pad_left, vocab_pad=0):
 
 @pytest.mark.parametrize("pad_left", [True, False], ids=["left-padding", "right-padding"])
 def test_sequence_routing_is_batch_invariant_on_llama(pad_left):
-    model = get_lily_model(tiny_llama(), LilyConfig(r=8, num_B=4, target_modules=["q_proj", "v_proj"], routing="sequence", init_weights=False))
+    model = get_lily_model(
+        tiny_llama(),
+        LilyConfig(r=8, num_B=4, target_modules=["q_proj", "v_proj"], routing="sequence", init_weights=False),
+    )
     with torch.no_grad():
         for _, layer in model.lily_layers():
             nn.init.normal_(layer.lily_B["default"].weight, std=0.5)
@@ -190,7 +201,9 @@ def test_sequence_routing_is_batch_invariant_on_llama(pad_left):
 
 def test_batch_routing_is_not_batch_invariant():
     # what PEFT does, kept for parity: the reason sequence routing exists
-    model = get_lily_model(tiny_llama(), LilyConfig(r=8, num_B=4, target_modules=["q_proj", "v_proj"], init_weights=False))
+    model = get_lily_model(
+        tiny_llama(), LilyConfig(r=8, num_B=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+    )
     ids = token_batch(batch=4)
     alone = model(input_ids=ids[:1]).logits
     together = model(input_ids=ids).logits[:1]
@@ -203,7 +216,9 @@ def test_routing_modes_train_and_differ_from_base(routing):
     ids = token_batch()
     with torch.no_grad():
         reference = base(input_ids=ids).logits.clone()
-    model = get_lily_model(base, LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing=routing, init_weights=False))
+    model = get_lily_model(
+        base, LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing=routing, init_weights=False)
+    )
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert not torch.allclose(out, reference)
     out.sum().backward()
@@ -245,7 +260,9 @@ def test_multiple_adapters():
     ids = token_batch()
     model = get_lily_model(base, LilyConfig(r=4, target_modules=["q_proj"], init_weights=False))
     first = model(input_ids=ids).logits.detach()
-    model.add_adapter("other", LilyConfig(r=6, num_B=3, target_modules=["v_proj", "q_proj"], routing="token", init_weights=False))
+    model.add_adapter(
+        "other", LilyConfig(r=6, num_B=3, target_modules=["v_proj", "q_proj"], routing="token", init_weights=False)
+    )
     torch.testing.assert_close(model(input_ids=ids).logits, first)  # adding does not activate
     model.set_adapter("other")
     second = model(input_ids=ids).logits.detach()
@@ -270,7 +287,10 @@ def test_patch_peft_runs_peft_layers_on_lily_ops(monkeypatch):
     from lily_ext import peft_interop
 
     base = tiny_llama()
-    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LilyConfig(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj"], init_weights=False))
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LilyConfig(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj"], init_weights=False),
+    )
     ids = token_batch()
     reference = peft_model(input_ids=ids).logits
     reference.sum().backward()

@@ -55,7 +55,11 @@ def test_non_contiguous_inputs(mode):
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(r, N, generator=g, dtype=torch.float64).T  # transposed view
     bank = torch.randn(E, r, 2 * out, generator=g, dtype=torch.float64)[..., ::2]  # strided slice
-    router = torch.randn(E, generator=g, dtype=torch.float64)[::1] if mode == "static" else torch.randn(r, E, generator=g, dtype=torch.float64).T
+    router = (
+        torch.randn(E, generator=g, dtype=torch.float64)[::1]
+        if mode == "static"
+        else torch.randn(r, E, generator=g, dtype=torch.float64).T
+    )
     assert not hidden.is_contiguous() and not bank.is_contiguous()
     check_forward_and_grads(hidden, router, bank, mode)
 
@@ -120,7 +124,7 @@ def test_sequence_mode_is_batch_invariant(padding):
         batch[b, rows] = x
         mask[b, rows] = True
     together = routed_mix(batch, router, bank, mode="sequence", mask=mask)
-    for b, (x, n) in enumerate(zip(samples, lengths)):
+    for b, x in enumerate(samples):
         alone = routed_mix(x[None], router, bank, mode="sequence")[0]
         torch.testing.assert_close(together[b][mask[b]], alone)
 
@@ -191,20 +195,60 @@ def _good(mode="batch"):
 BAD_INPUTS = [
     # (description, builder -> (hidden, router, bank, kwargs), error type, message pattern)
     ("0-dim hidden", lambda: (torch.tensor(1.0), *_good()[1:], {}), ValueError, "hidden: .*0-dim"),
-    ("hidden r mismatch", lambda: (torch.randn(2, R_ + 1), *_good()[1:], {}), ValueError, "hidden: last dim must equal bank's r"),
-    ("router wrong shape", lambda: (_good()[0], torch.randn(E_, R_ + 2), _good()[2], {}), ValueError, r"router: expected shape \[E, r\]"),
-    ("router E mismatch", lambda: (_good()[0], torch.randn(E_ + 1, R_), _good()[2], {}), ValueError, "router: expected shape"),
-    ("theta given to batch", lambda: (_good()[0], torch.randn(E_), _good()[2], {}), ValueError, "router: expected shape"),
-    ("router given to static", lambda: (*_good()[:3], {"mode": "static"}), ValueError, "router: static mode expects theta"),
-    ("bank 2-D", lambda: (_good()[0], _good()[1], torch.randn(R_, OUT_), {}), ValueError, "bank: expected a 3-D tensor"),
+    (
+        "hidden r mismatch",
+        lambda: (torch.randn(2, R_ + 1), *_good()[1:], {}),
+        ValueError,
+        "hidden: last dim must equal bank's r",
+    ),
+    (
+        "router wrong shape",
+        lambda: (_good()[0], torch.randn(E_, R_ + 2), _good()[2], {}),
+        ValueError,
+        r"router: expected shape \[E, r\]",
+    ),
+    (
+        "router E mismatch",
+        lambda: (_good()[0], torch.randn(E_ + 1, R_), _good()[2], {}),
+        ValueError,
+        "router: expected shape",
+    ),
+    (
+        "theta given to batch",
+        lambda: (_good()[0], torch.randn(E_), _good()[2], {}),
+        ValueError,
+        "router: expected shape",
+    ),
+    (
+        "router given to static",
+        lambda: (*_good()[:3], {"mode": "static"}),
+        ValueError,
+        "router: static mode expects theta",
+    ),
+    (
+        "bank 2-D",
+        lambda: (_good()[0], _good()[1], torch.randn(R_, OUT_), {}),
+        ValueError,
+        "bank: expected a 3-D tensor",
+    ),
     ("bank empty out", lambda: (_good()[0], _good()[1], torch.randn(E_, R_, 0), {}), ValueError, "bank: every dim"),
     ("num_B < 2", lambda: (_good()[0], torch.randn(1, R_), torch.randn(1, R_, OUT_), {}), ValueError, "num_B = E >= 2"),
     ("unknown mode", lambda: (*_good(), {"mode": "tokens"}), ValueError, "mode: expected one of"),
-    ("mixed dtypes", lambda: (_good()[0], _good()[1].double(), _good()[2], {}), ValueError, "router: dtype torch.float64 differs"),
+    (
+        "mixed dtypes",
+        lambda: (_good()[0], _good()[1].double(), _good()[2], {}),
+        ValueError,
+        "router: dtype torch.float64 differs",
+    ),
     ("bank dtype", lambda: (*_good()[:2], _good()[2].double(), {}), ValueError, "bank: dtype"),
     ("integer hidden", lambda: (_good()[0].long(), *_good()[1:], {}), ValueError, "hidden: expected dtype"),
     ("mixed devices", lambda: (*_good()[:2], _good()[2].to("meta"), {}), ValueError, "bank: on device meta"),
-    ("mask wrong shape", lambda: (*_good("sequence"), {"mode": "sequence", "mask": torch.ones(2, 5)}), ValueError, r"mask: expected shape \[2, 6\]"),
+    (
+        "mask wrong shape",
+        lambda: (*_good("sequence"), {"mode": "sequence", "mask": torch.ones(2, 5)}),
+        ValueError,
+        r"mask: expected shape \[2, 6\]",
+    ),
     ("mask outside sequence", lambda: (*_good(), {"mask": torch.ones(2, 6)}), ValueError, "mask: only mode 'sequence'"),
     ("scaling nan", lambda: (*_good(), {"scaling": float("nan")}), ValueError, "scaling: expected a finite float"),
     ("scaling str", lambda: (*_good(), {"scaling": "1"}), ValueError, "scaling"),
@@ -220,7 +264,9 @@ def test_bad_input_python_entry_point(case):
         routed_mix(hidden, router, bank, **kwargs)
 
 
-@pytest.mark.parametrize("case", [c for c in BAD_INPUTS if c[0] != "scaling str" and c[2] is ValueError], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case", [c for c in BAD_INPUTS if c[0] != "scaling str" and c[2] is ValueError], ids=lambda c: c[0]
+)
 def test_bad_input_raw_op(case):
     # direct torch.ops callers get the C++ checks (same contract, csrc/lily/contract.h)
     _, build, error, pattern = case

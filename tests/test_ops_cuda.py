@@ -108,7 +108,9 @@ def test_sequence_mask(lead, dtype):
     if len(lead) >= 2:
         assert torch.equal(out[1], torch.zeros_like(out[1])), "a fully masked sample must get a zero delta"
     for other in (mask.long(), mask.float(), mask.to(torch.uint8)):
-        torch.testing.assert_close(routed_mix(hidden, router, bank, scaling=0.7, mode="sequence", mask=other), out, rtol=0, atol=0)
+        torch.testing.assert_close(
+            routed_mix(hidden, router, bank, scaling=0.7, mode="sequence", mask=other), out, rtol=0, atol=0
+        )
 
 
 @pytest.mark.parametrize("lead", [(4, 6), (3, 100)], ids=lambda s: "x".join(map(str, s)))
@@ -176,7 +178,9 @@ def _poison_caching_allocator():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", [((7,), 4, 16, 24), ((5, 9), 3, 8, 33), ((3, 70), 2, 9, 300), ((300,), 4, 16, 136)], ids=shape_id)
+@pytest.mark.parametrize(
+    "shape", [((7,), 4, 16, 24), ((5, 9), 3, 8, 33), ((3, 70), 2, 9, 300), ((300,), 4, 16, 136)], ids=shape_id
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_outputs_never_hold_uninitialised_memory(mode, shape, dtype):
     lead, E, r, out = shape
@@ -198,7 +202,9 @@ def test_empty_rows():
         delta = routed_mix(hidden, router, bank, mode=mode)
         assert delta.shape == (0, 5) and delta.device.type == "cuda"
         _poison_caching_allocator()
-        dh, dR, dB = torch.ops.lily.routed_mix_backward.default(torch.empty(0, 5, device=DEV), hidden, router, bank, 1.0, mode, None)
+        dh, dR, dB = torch.ops.lily.routed_mix_backward.default(
+            torch.empty(0, 5, device=DEV), hidden, router, bank, 1.0, mode, None
+        )
         assert dh.shape == (0, 4) and torch.equal(dR, torch.zeros_like(dR)) and torch.equal(dB, torch.zeros_like(dB))
 
 
@@ -208,7 +214,11 @@ def test_non_contiguous_inputs(mode):
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(r, N, generator=g, dtype=torch.float64).T.to(DEV)
     bank = torch.randn(E, r, 2 * out, generator=g, dtype=torch.float64).to(DEV)[..., ::2]
-    router = torch.randn(E, generator=g, dtype=torch.float64).to(DEV) if mode == "static" else torch.randn(r, E, generator=g, dtype=torch.float64).to(DEV).T
+    router = (
+        torch.randn(E, generator=g, dtype=torch.float64).to(DEV)
+        if mode == "static"
+        else torch.randn(r, E, generator=g, dtype=torch.float64).to(DEV).T
+    )
     assert not hidden.is_contiguous() and not bank.is_contiguous()
     check_against_reference(hidden, router, bank, mode)
 
@@ -221,7 +231,11 @@ def test_kron_forward_paths_agree(mode):
         hidden, router, bank = make_inputs(lead, 3, 16, 72, mode, dtype)
         mask = random_mask(lead).to(DEV) if mode == "sequence" else None
         base = forward_and_grads(hidden, router, bank, mode, mask=mask)
-        for knobs in ({"LILY_CUDA_KRON": "gemm"}, {"LILY_CUDA_KRON": "gemm", "LILY_CUDA_SCRATCH_BYTES": 5000}, {"LILY_CUDA_SCRATCH_BYTES": 3000}):
+        for knobs in (
+            {"LILY_CUDA_KRON": "gemm"},
+            {"LILY_CUDA_KRON": "gemm", "LILY_CUDA_SCRATCH_BYTES": 5000},
+            {"LILY_CUDA_SCRATCH_BYTES": 3000},
+        ):
             with env(**knobs):
                 other = forward_and_grads(hidden, router, bank, mode, mask=mask, grad=base[2])
             tol = 1e-12 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-2)
@@ -275,13 +289,17 @@ def test_gradcheck(mode):
         hidden, router, bank = make_inputs(lead, 3, 5, 6, mode, torch.float64)
         mask = random_mask(lead).to(DEV) if mode == "sequence" else None
         leaves = tuple(t.requires_grad_() for t in (hidden, router, bank))
-        assert torch.autograd.gradcheck(lambda h, R, B: routed_mix(h, R, B, scaling=0.8, mode=mode, mask=mask), leaves)
+        assert torch.autograd.gradcheck(lambda h, R, B, mask=mask: routed_mix(h, R, B, scaling=0.8, mode=mode, mask=mask), leaves)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_torch_compile_fullgraph(mode):
     hidden, router, bank = make_inputs((2, 6), 3, 8, 10, mode)
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool, device=DEV) if mode == "sequence" else None
+    mask = (
+        torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool, device=DEV)
+        if mode == "sequence"
+        else None
+    )
 
     def layer(h, R, B):
         return torch.tanh(routed_mix(h * 2.0, R, B, scaling=0.5, mode=mode, mask=mask)).sum()

@@ -146,7 +146,9 @@ def fake_cmake(isolated, monkeypatch):
         if state["cuda_fails"] and "-DLILY_ORT_CUDA=ON" in extra_args:
             raise RuntimeError("nvcc exploded")
         os.makedirs(build_dir, exist_ok=True)
-        names = [ort_library.LIBRARY_NAME] + ([ort_library.CUDA_LIBRARY_NAME] if "-DLILY_ORT_CUDA=ON" in extra_args else [])
+        names = [ort_library.LIBRARY_NAME] + (
+            [ort_library.CUDA_LIBRARY_NAME] if "-DLILY_ORT_CUDA=ON" in extra_args else []
+        )
         for name in names:
             with open(os.path.join(build_dir, name), "wb") as f:
                 f.write(b"\x7fELF")
@@ -158,19 +160,23 @@ def fake_cmake(isolated, monkeypatch):
 
 def test_build_records_cuda_kernels(isolated, fake_cmake):
     calls, _ = fake_cmake
-    record = ort_library.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")],
-                              cuda_home=fake_toolkit(isolated / "cuda"))
+    record = ort_library.build(
+        str(isolated), str(isolated / "build"), [str(isolated / "pkg")], cuda_home=fake_toolkit(isolated / "cuda")
+    )
     assert record["library"] == ort_library.LIBRARY_NAME
     assert record["cuda"] is True and record["cuda_reason"] is None and record["cuda_archs"] == "90"
     assert len(calls) == 1 and "-DLILY_ORT_CUDA=ON" in calls[0][1]
-    assert (isolated / "pkg" / ort_library.LIBRARY_NAME).exists() and (isolated / "pkg" / ort_library.CUDA_LIBRARY_NAME).exists()
+    assert (isolated / "pkg" / ort_library.LIBRARY_NAME).exists() and (
+        isolated / "pkg" / ort_library.CUDA_LIBRARY_NAME
+    ).exists()
 
 
 def test_build_falls_back_to_cpu_only_when_the_cuda_part_fails(isolated, fake_cmake):
     calls, state = fake_cmake
     state["cuda_fails"] = True
-    record = ort_library.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")],
-                              cuda_home=fake_toolkit(isolated / "cuda"))
+    record = ort_library.build(
+        str(isolated), str(isolated / "build"), [str(isolated / "pkg")], cuda_home=fake_toolkit(isolated / "cuda")
+    )
     assert record["library"] == ort_library.LIBRARY_NAME and record["reason"] is None
     assert record["cuda"] is False and "building the CUDA kernels failed: nvcc exploded" in record["cuda_reason"]
     assert [args for _, args in calls] == [calls[0][1], ["-DLILY_ORT_CUDA=OFF"]]
@@ -184,8 +190,9 @@ def test_build_without_cuda(isolated, fake_cmake, monkeypatch):
     record = ort_library.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")], cuda_home=None)
     assert record["cuda"] is False and "no CUDA toolkit" in record["cuda_reason"]
     monkeypatch.setenv("LILY_EXT_CUDA", "0")
-    record = ort_library.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")],
-                              cuda_home=fake_toolkit(isolated / "cuda"))
+    record = ort_library.build(
+        str(isolated), str(isolated / "build"), [str(isolated / "pkg")], cuda_home=fake_toolkit(isolated / "cuda")
+    )
     assert record["cuda"] is False and record["cuda_reason"] == "disabled by LILY_EXT_CUDA=0 at build time"
     assert all(args == ["-DLILY_ORT_CUDA=OFF"] for _, args in calls)
 
@@ -197,8 +204,9 @@ def test_build_with_cuda_required(isolated, fake_cmake, monkeypatch):
         ort_library.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")], cuda_home=None)
     state["cuda_fails"] = True
     with pytest.raises(SystemExit, match="LILY_EXT_CUDA=1 but liblily_ort.so's building the CUDA kernels failed"):
-        ort_library.build(str(isolated), str(isolated / "build"), [str(isolated / "pkg")],
-                         cuda_home=fake_toolkit(isolated / "cuda"))
+        ort_library.build(
+            str(isolated), str(isolated / "build"), [str(isolated / "pkg")], cuda_home=fake_toolkit(isolated / "cuda")
+        )
 
 
 def test_library_record_and_cuda_flag(monkeypatch, tmp_path):

@@ -22,7 +22,15 @@ import pytest
 import torch
 from helpers.lily_models import DYNAMIC, bert_model, example_and_other_inputs
 from helpers.ort_models import (
-    ORT_ERRORS, bad_run_cases, bfloat16_cast_model, expected, make_model, numpy_inputs, ort, run_cpu)
+    ORT_ERRORS,
+    bad_run_cases,
+    bfloat16_cast_model,
+    expected,
+    make_model,
+    numpy_inputs,
+    ort,
+    run_cpu,
+)
 from helpers.shapes import CUDA_SHAPES, CUDA_TOL, shape_id
 from onnx import TensorProto
 
@@ -89,8 +97,11 @@ def routed_mix_providers(session, feeds):
     session.run(None, feeds)
     with open(session.end_profiling(), encoding="utf-8") as f:
         events = json.load(f)
-    return {e["args"].get("provider") for e in events
-            if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "RoutedMix"}
+    return {
+        e["args"].get("provider")
+        for e in events
+        if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "RoutedMix"
+    }
 
 
 def sequence_mask(lead, dtype, seed=0):
@@ -133,8 +144,9 @@ def test_bfloat16_through_casts(mode):
 
 
 @needs_cuda_ep
-@pytest.mark.parametrize("mask_dtype", [np.int64, np.int32, np.bool_, np.float32, np.float16],
-                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "mask_dtype", [np.int64, np.int32, np.bool_, np.float32, np.float16], ids=lambda d: np.dtype(d).name
+)
 @pytest.mark.parametrize("lead", [(4, 6), (3, 40), (2, 3, 30), (80,)], ids=lambda s: "x".join(map(str, s)))
 def test_sequence_mask_with_fully_masked_sample(mask_dtype, lead):
     # small path (4x6), routing kernels + batched cuBLAS (3x40, 2x3x30), per-row kernel (80,)
@@ -236,8 +248,10 @@ def test_too_many_experts_is_an_error_not_a_crash():
 @needs_cuda_ep
 @pytest.mark.parametrize(
     "attrs, message",
-    [({"mode": "bogus"}, "mode: expected one of 'batch', 'sequence', 'token', 'static', got 'bogus'"),
-     ({"scaling": float("inf")}, "scaling: expected a finite float")],
+    [
+        ({"mode": "bogus"}, "mode: expected one of 'batch', 'sequence', 'token', 'static', got 'bogus'"),
+        ({"scaling": float("inf")}, "scaling: expected a finite float"),
+    ],
 )
 def test_bad_attributes_fail_at_session_creation(attrs, message):
     feeds = numpy_inputs((2, 3), 3, 4, 5, "batch", np.float32)
@@ -255,8 +269,9 @@ def test_exported_custom_form_runs_on_the_cuda_ep(routing, tmp_path):
     example, other = example_and_other_inputs()
     lily_ext.export_onnx(model, (), tmp_path / "m.onnx", form="custom", kwargs=example, dynamic_shapes=DYNAMIC)
     # not pinned: ORT may keep the exporter's shape arithmetic on the CPU; the profile shows where RoutedMix ran
-    session = cuda_session(str(tmp_path / "m.onnx"), pinned=False, enable_profiling=True,
-                           profile_file_prefix=str(tmp_path / "profile"))
+    session = cuda_session(
+        str(tmp_path / "m.onnx"), pinned=False, enable_profiling=True, profile_file_prefix=str(tmp_path / "profile")
+    )
     feeds = {k: v.numpy() for k, v in other.items()}
     assert routed_mix_providers(session, feeds) == {"CUDAExecutionProvider"}
     with torch.no_grad():
@@ -301,8 +316,9 @@ def test_exports_only_register_custom_ops(cuda):
         pytest.skip("nm not on PATH")
     if cuda and not library_has_cuda():
         pytest.skip(f"built without CUDA EP kernels: {library_record().get('cuda_reason')}")
-    listing = subprocess.run([tool, "-D", "--defined-only", lily_ext.ort_library_path(cuda=cuda)], capture_output=True,
-                             text=True, check=True)
+    listing = subprocess.run(
+        [tool, "-D", "--defined-only", lily_ext.ort_library_path(cuda=cuda)], capture_output=True, text=True, check=True
+    )
     names = {line.split()[-1] for line in listing.stdout.splitlines() if line.strip()}
     assert names == {"RegisterCustomOps"}, sorted(names)
 

@@ -16,7 +16,15 @@ import onnx
 import pytest
 import torch
 from helpers.ort_models import (
-    ORT_ERRORS, TORCH_OF, bad_run_cases, bfloat16_cast_model, expected, make_model, numpy_inputs, run_cpu)
+    ORT_ERRORS,
+    TORCH_OF,
+    bad_run_cases,
+    bfloat16_cast_model,
+    expected,
+    make_model,
+    numpy_inputs,
+    run_cpu,
+)
 from helpers.shapes import SHAPES, TOL, rel_err, shape_id
 from onnx import TensorProto
 
@@ -40,8 +48,9 @@ def test_matches_reference(mode, shape, dtype):
     ref = expected(feeds, 0.7, mode)
     assert rel_err(torch.from_numpy(delta), ref) <= TOL[TORCH_OF[dtype]]
     # the torch op runs the same kernels (with MKL for the large GEMMs)
-    mine = routed_mix(*(torch.from_numpy(feeds[k]) for k in ("hidden", "router", "bank")),
-                      scaling=float(np.float32(0.7)), mode=mode)
+    mine = routed_mix(
+        *(torch.from_numpy(feeds[k]) for k in ("hidden", "router", "bank")), scaling=float(np.float32(0.7)), mode=mode
+    )
     assert rel_err(torch.from_numpy(delta), mine) <= TOL[TORCH_OF[dtype]]
 
 
@@ -62,8 +71,12 @@ def test_sequence_mask_with_fully_masked_sample(mask_dtype):
     delta = run_cpu(feeds, mode="sequence", scaling=0.7)
     assert np.all(delta[2] == 0), "a fully masked sample must get a zero delta"
     assert rel_err(torch.from_numpy(delta), expected(feeds, 0.7, "sequence", mask)) <= 2e-5
-    torch_delta = routed_mix(*(torch.from_numpy(feeds[k]) for k in ("hidden", "router", "bank")), scaling=0.7,
-                             mode="sequence", mask=torch.from_numpy(mask.astype(bool)))
+    torch_delta = routed_mix(
+        *(torch.from_numpy(feeds[k]) for k in ("hidden", "router", "bank")),
+        scaling=0.7,
+        mode="sequence",
+        mask=torch.from_numpy(mask.astype(bool)),
+    )
     assert rel_err(torch.from_numpy(delta), torch_delta) <= 2e-5
 
 
@@ -187,9 +200,20 @@ def test_saved_model_runs_in_a_fresh_process_with_only_onnxruntime(tmp_path):
     np.savez(feeds_path, **feeds)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # lily_ext must not be importable there
     proc = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, lily_ext.ort_library_path(), str(model_path), str(feeds_path),
-         str(out_path)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path),
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            lily_ext.ort_library_path(),
+            str(model_path),
+            str(feeds_path),
+            str(out_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], "the fresh process imported torch or lily_ext"

@@ -3,9 +3,9 @@ reference over drawn shapes, modes, dtypes, masks, strides and scalings, and bit
 across runs and thread counts. On failure hypothesis prints the minimal failing example."""
 
 import torch
+from helpers.reference import routed_mix_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers.reference import routed_mix_reference
 
 import lily_ext  # noqa: F401
 from lily_ext.ops import routed_mix
@@ -35,8 +35,16 @@ def problems(draw):
 def build(problem):
     mode, E, r, out, lead, dtype, scaling, seed, transpose, masked = problem
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(r, *lead, generator=g, dtype=torch.float64).movedim(0, -1) if transpose else torch.randn(*lead, r, generator=g, dtype=torch.float64)
-    router = torch.randn(E, generator=g, dtype=torch.float64) if mode == "static" else torch.randn(E, r, generator=g, dtype=torch.float64)
+    hidden = (
+        torch.randn(r, *lead, generator=g, dtype=torch.float64).movedim(0, -1)
+        if transpose
+        else torch.randn(*lead, r, generator=g, dtype=torch.float64)
+    )
+    router = (
+        torch.randn(E, generator=g, dtype=torch.float64)
+        if mode == "static"
+        else torch.randn(E, r, generator=g, dtype=torch.float64)
+    )
     bank = torch.randn(E, r, out, generator=g, dtype=torch.float64)
     mask = None
     if masked:
@@ -76,14 +84,18 @@ def test_forward_and_backward_match_the_reference(problem):
 @given(problems())
 def test_bit_identical_across_runs_and_thread_counts(problem):
     tensors, kwargs = build(problem)
-    grad = torch.randn(*tensors[0].shape[:-1], tensors[2].shape[-1], generator=torch.Generator().manual_seed(3)).to(tensors[0].dtype)
+    grad = torch.randn(*tensors[0].shape[:-1], tensors[2].shape[-1], generator=torch.Generator().manual_seed(3)).to(
+        tensors[0].dtype
+    )
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2, 2):
             torch.set_num_threads(n)
             forward = routed_mix(*tensors, **kwargs)
-            backward = torch.ops.lily.routed_mix_backward.default(grad, *tensors, float(kwargs["scaling"]), kwargs["mode"], kwargs["mask"])
+            backward = torch.ops.lily.routed_mix_backward.default(
+                grad, *tensors, float(kwargs["scaling"]), kwargs["mode"], kwargs["mask"]
+            )
             results.append((forward, *backward))
     finally:
         torch.set_num_threads(threads)

@@ -31,7 +31,7 @@ def test_eight_threads_two_hundred_runs_each(tmp_path):
     for i in range(16):  # different batch sizes, lengths and padding
         ids = token_batch(1 + i % 4, 5 + i % 9, seed=i)
         mask = np.ones(ids.shape, np.int64)
-        mask[0, -(i % 3):] = 0 if i % 3 else 1
+        mask[0, -(i % 3) :] = 0 if i % 3 else 1
         requests.append({"input_ids": ids.numpy(), "attention_mask": mask})
     expected = [session.run(None, r)[0] for r in requests]
 

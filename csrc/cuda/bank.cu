@@ -80,9 +80,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    bank_grad_accumulate_kernel(const acc_t<T>* __restrict__ weights, const acc_t<T>* __restrict__ dcomb,
-                                int experts, int64_t plane, int64_t count, const acc_t<T>* prev,
-                                acc_t<T>* acc_out, T* __restrict__ final_out) {
+    bank_grad_accumulate_kernel(const acc_t<T>* __restrict__ weights, const acc_t<T>* __restrict__ dcomb, int experts,
+                                int64_t plane, int64_t count, const acc_t<T>* prev, acc_t<T>* acc_out,
+                                T* __restrict__ final_out) {
   using A = acc_t<T>;
   const int64_t e = blockIdx.y;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -113,10 +113,9 @@ __global__ void __launch_bounds__(kThreads)
 // One warp per row.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    kron_rows_backward_kernel(const acc_t<T>* __restrict__ weights, int64_t weight_rows,
-                              const T* __restrict__ hidden, const acc_t<T>* __restrict__ dZ, int64_t row0,
-                              int64_t rows, int64_t rank, int experts, acc_t<T>* __restrict__ dweights_row,
-                              acc_t<T>* __restrict__ dh_mix) {
+    kron_rows_backward_kernel(const acc_t<T>* __restrict__ weights, int64_t weight_rows, const T* __restrict__ hidden,
+                              const acc_t<T>* __restrict__ dZ, int64_t row0, int64_t rows, int64_t rank, int experts,
+                              acc_t<T>* __restrict__ dweights_row, acc_t<T>* __restrict__ dh_mix) {
   using A = acc_t<T>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t m = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + warp;
@@ -145,8 +144,8 @@ unsigned grid_1d(int64_t n, int64_t per_block) {
 }  // namespace
 
 template <typename T>
-std::string launch_combine(const acc_t<T>* weights, const T* bank, int experts, int64_t plane, int64_t count,
-                           T* dst, cudaStream_t stream) {
+std::string launch_combine(const acc_t<T>* weights, const T* bank, int experts, int64_t plane, int64_t count, T* dst,
+                           cudaStream_t stream) {
   if (count == 0 || plane == 0) return "";
   if (count > kMaxGridY) return "combine: too many groups in one launch";
   constexpr int64_t V = Pack<T>::kSize;
@@ -168,8 +167,8 @@ std::string launch_bank_grad_groups(const acc_t<T>* weights, const acc_t<T>* dco
   if (count == 0 || plane == 0) return "";
   if (count > kMaxGridY) return "bank_grad_groups: too many groups in one launch";
   const dim3 grid(static_cast<unsigned>(bank_grad_blocks(plane)), static_cast<unsigned>(count));
-  bank_grad_groups_kernel<T><<<grid, kThreads, 0, stream>>>(weights, dcomb, bank, experts, plane, comb, dw_partial,
-                                                             dbank_single);
+  bank_grad_groups_kernel<T>
+      <<<grid, kThreads, 0, stream>>>(weights, dcomb, bank, experts, plane, comb, dw_partial, dbank_single);
   LILY_LAUNCH_CHECK("bank_grad_groups_kernel");
   return "";
 }
@@ -181,27 +180,27 @@ std::string launch_bank_grad_accumulate(const acc_t<T>* weights, const acc_t<T>*
   if (plane == 0) return "";
   if (experts > kMaxGridY) return "bank_grad_accumulate: too many experts";
   const dim3 grid(static_cast<unsigned>(ceil_div(plane, kThreads)), static_cast<unsigned>(experts));
-  bank_grad_accumulate_kernel<T><<<grid, kThreads, 0, stream>>>(weights, dcomb, experts, plane, count, prev, acc_out,
-                                                                 final_out);
+  bank_grad_accumulate_kernel<T>
+      <<<grid, kThreads, 0, stream>>>(weights, dcomb, experts, plane, count, prev, acc_out, final_out);
   LILY_LAUNCH_CHECK("bank_grad_accumulate_kernel");
   return "";
 }
 
 template <typename T>
-std::string launch_kron_rows(const acc_t<T>* weights, int64_t weight_rows, const T* hidden, int64_t row0,
-                             int64_t rows, int64_t rank, int experts, T* Z, cudaStream_t stream) {
+std::string launch_kron_rows(const acc_t<T>* weights, int64_t weight_rows, const T* hidden, int64_t row0, int64_t rows,
+                             int64_t rank, int experts, T* Z, cudaStream_t stream) {
   const int64_t total = rows * rank * experts;
   if (total == 0) return "";
-  kron_rows_kernel<T><<<grid_1d(total, kThreads), kThreads, 0, stream>>>(weights, weight_rows, hidden, row0, rows,
-                                                                         rank, experts, Z);
+  kron_rows_kernel<T>
+      <<<grid_1d(total, kThreads), kThreads, 0, stream>>>(weights, weight_rows, hidden, row0, rows, rank, experts, Z);
   LILY_LAUNCH_CHECK("kron_rows_kernel");
   return "";
 }
 
 template <typename T>
-std::string launch_kron_rows_backward(const acc_t<T>* weights, int64_t weight_rows, const T* hidden,
-                                      const acc_t<T>* dZ, int64_t row0, int64_t rows, int64_t rank, int experts,
-                                      acc_t<T>* dweights_row, acc_t<T>* dh_mix, cudaStream_t stream) {
+std::string launch_kron_rows_backward(const acc_t<T>* weights, int64_t weight_rows, const T* hidden, const acc_t<T>* dZ,
+                                      int64_t row0, int64_t rows, int64_t rank, int experts, acc_t<T>* dweights_row,
+                                      acc_t<T>* dh_mix, cudaStream_t stream) {
   if (rows == 0) return "";
   kron_rows_backward_kernel<T><<<static_cast<unsigned>(ceil_div(rows, kThreads / 32)), kThreads, 0, stream>>>(
       weights, weight_rows, hidden, dZ, row0, rows, rank, experts, dweights_row, dh_mix);
@@ -209,17 +208,16 @@ std::string launch_kron_rows_backward(const acc_t<T>* weights, int64_t weight_ro
   return "";
 }
 
-#define LILY_INSTANTIATE(T)                                                                                     \
-  template std::string launch_combine<T>(const acc_t<T>*, const T*, int, int64_t, int64_t, T*, cudaStream_t);  \
-  template std::string launch_bank_grad_groups<T>(const acc_t<T>*, const acc_t<T>*, const T*, int, int64_t,     \
-                                                  int64_t, T*, acc_t<T>*, T*, cudaStream_t);                    \
-  template std::string launch_bank_grad_accumulate<T>(const acc_t<T>*, const acc_t<T>*, int, int64_t, int64_t,  \
-                                                      const acc_t<T>*, acc_t<T>*, T*, cudaStream_t);            \
-  template std::string launch_kron_rows<T>(const acc_t<T>*, int64_t, const T*, int64_t, int64_t, int64_t, int,  \
-                                           T*, cudaStream_t);                                                   \
-  template std::string launch_kron_rows_backward<T>(const acc_t<T>*, int64_t, const T*, const acc_t<T>*,        \
-                                                    int64_t, int64_t, int64_t, int, acc_t<T>*, acc_t<T>*,       \
-                                                    cudaStream_t);
+#define LILY_INSTANTIATE(T)                                                                                          \
+  template std::string launch_combine<T>(const acc_t<T>*, const T*, int, int64_t, int64_t, T*, cudaStream_t);        \
+  template std::string launch_bank_grad_groups<T>(const acc_t<T>*, const acc_t<T>*, const T*, int, int64_t, int64_t, \
+                                                  T*, acc_t<T>*, T*, cudaStream_t);                                  \
+  template std::string launch_bank_grad_accumulate<T>(const acc_t<T>*, const acc_t<T>*, int, int64_t, int64_t,       \
+                                                      const acc_t<T>*, acc_t<T>*, T*, cudaStream_t);                 \
+  template std::string launch_kron_rows<T>(const acc_t<T>*, int64_t, const T*, int64_t, int64_t, int64_t, int, T*,   \
+                                           cudaStream_t);                                                            \
+  template std::string launch_kron_rows_backward<T>(const acc_t<T>*, int64_t, const T*, const acc_t<T>*, int64_t,    \
+                                                    int64_t, int64_t, int, acc_t<T>*, acc_t<T>*, cudaStream_t);
 
 LILY_INSTANTIATE(float)
 LILY_INSTANTIATE(double)

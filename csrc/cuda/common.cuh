@@ -114,25 +114,25 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Error handling for the framework-free layer: every CUDA / cuBLAS status is
 // checked and turned into a returned message; "" means success.
-#define LILY_CUDA_CHECK(expr)                                                                   \
-  do {                                                                                          \
-    const cudaError_t lily_status_ = (expr);                                                    \
-    if (lily_status_ != cudaSuccess)                                                            \
-      return std::string(#expr) + " failed: " + cudaGetErrorName(lily_status_) + " (" +         \
-             cudaGetErrorString(lily_status_) + ")";                                            \
+#define LILY_CUDA_CHECK(expr)                                                           \
+  do {                                                                                  \
+    const cudaError_t lily_status_ = (expr);                                            \
+    if (lily_status_ != cudaSuccess)                                                    \
+      return std::string(#expr) + " failed: " + cudaGetErrorName(lily_status_) + " (" + \
+             cudaGetErrorString(lily_status_) + ")";                                    \
   } while (0)
 
 // After a kernel launch: launch-configuration errors surface here.
-#define LILY_LAUNCH_CHECK(kernel_name)                                                          \
-  do {                                                                                          \
-    const cudaError_t lily_status_ = cudaGetLastError();                                        \
-    if (lily_status_ != cudaSuccess)                                                            \
-      return std::string("launch of ") + (kernel_name) + " failed: " +                          \
-             cudaGetErrorName(lily_status_) + " (" + cudaGetErrorString(lily_status_) + ")";    \
+#define LILY_LAUNCH_CHECK(kernel_name)                                                                         \
+  do {                                                                                                         \
+    const cudaError_t lily_status_ = cudaGetLastError();                                                       \
+    if (lily_status_ != cudaSuccess)                                                                           \
+      return std::string("launch of ") + (kernel_name) + " failed: " + cudaGetErrorName(lily_status_) + " (" + \
+             cudaGetErrorString(lily_status_) + ")";                                                           \
   } while (0)
 
-#define LILY_TRY(expr)                               \
-  do {                                               \
-    std::string lily_error_ = (expr);                \
-    if (!lily_error_.empty()) return lily_error_;    \
+#define LILY_TRY(expr)                            \
+  do {                                            \
+    std::string lily_error_ = (expr);             \
+    if (!lily_error_.empty()) return lily_error_; \
   } while (0)

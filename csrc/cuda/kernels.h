@@ -44,9 +44,9 @@ inline int64_t router_chunks(int64_t segment_rows) { return (segment_rows + kRou
 //   partial [segments * router_chunks(segment_rows), E + 1]: per block, the
 //   masked sum of probs over its rows, then its count of unmasked rows.
 template <typename T>
-std::string launch_router_rows(const T* hidden, const T* router, const uint8_t* mask, int64_t rank,
-                               int experts, int64_t segment_rows, int64_t segments, acc_type<T>* probs,
-                               acc_type<T>* row_weights, acc_type<T>* partial, cudaStream_t stream);
+std::string launch_router_rows(const T* hidden, const T* router, const uint8_t* mask, int64_t rank, int experts,
+                               int64_t segment_rows, int64_t segments, acc_type<T>* probs, acc_type<T>* row_weights,
+                               acc_type<T>* partial, cudaStream_t stream);
 
 // weights[g] = (sum of the group's partials) / count, or 0 when the group has no
 // unmasked row; inv_count[g] = 1 / count or 0 (inv_count may be null).
@@ -64,15 +64,12 @@ std::string launch_static_weights(const T* theta, int experts, acc_type<T>* weig
 // dhidden[n] = T(dh_mix[n] + dlogit @ router); dlogits[n] = dlogit.
 template <typename T>
 std::string launch_router_backward_rows(const T* router, const acc_type<T>* probs, const acc_type<T>* dweights,
-                                        const acc_type<T>* inv_count, const uint8_t* mask, int64_t rows,
-                                        int64_t rank, int experts, int64_t group_rows, Mode mode,
-                                        const acc_type<T>* dh_mix, T* dhidden, acc_type<T>* dlogits,
-                                        cudaStream_t stream);
+                                        const acc_type<T>* inv_count, const uint8_t* mask, int64_t rows, int64_t rank,
+                                        int experts, int64_t group_rows, Mode mode, const acc_type<T>* dh_mix,
+                                        T* dhidden, acc_type<T>* dlogits, cudaStream_t stream);
 
 // Rows per block of the router-gradient partial sums: at least 64, at most ~1024 blocks.
-inline int64_t router_grad_rows(int64_t rows) {
-  return std::max<int64_t>(64, (rows + 1023) / 1024);
-}
+inline int64_t router_grad_rows(int64_t rows) { return std::max<int64_t>(64, (rows + 1023) / 1024); }
 inline int64_t router_grad_blocks(int64_t rows) {
   const int64_t per = router_grad_rows(rows);
   return (rows + per - 1) / per;
@@ -80,13 +77,13 @@ inline int64_t router_grad_blocks(int64_t rows) {
 
 // drouter = T(dlogits^T hidden), via partial [router_grad_blocks(rows), E * r].
 template <typename T>
-std::string launch_router_grad(const T* hidden, const acc_type<T>* dlogits, int64_t rows, int64_t rank,
-                               int experts, acc_type<T>* partial, T* drouter, cudaStream_t stream);
+std::string launch_router_grad(const T* hidden, const acc_type<T>* dlogits, int64_t rows, int64_t rank, int experts,
+                               acc_type<T>* partial, T* drouter, cudaStream_t stream);
 
 // dtheta = T(w * (dw - <w, dw>)) (static mode).
 template <typename T>
-std::string launch_static_router_grad(const acc_type<T>* weights, const acc_type<T>* dweights, int experts,
-                                      T* dtheta, cudaStream_t stream);
+std::string launch_static_router_grad(const acc_type<T>* weights, const acc_type<T>* dweights, int experts, T* dtheta,
+                                      cudaStream_t stream);
 
 // out[g, e] = sum over the group's rows of row_values[n, e], rows in order.
 template <typename A>
@@ -113,24 +110,24 @@ constexpr int64_t kMaxGridY = 65535;
 
 // dst[c, j] = T(sum_e weights[c, e] * bank[e, j]) for c < count, j < plane.
 template <typename T>
-std::string launch_combine(const acc_type<T>* weights, const T* bank, int experts, int64_t plane, int64_t count,
-                           T* dst, cudaStream_t stream);
+std::string launch_combine(const acc_type<T>* weights, const T* bank, int experts, int64_t plane, int64_t count, T* dst,
+                           cudaStream_t stream);
 
 // Grouped backward, one pass over the bank per group c < count:
 //   comb[c, j] = T(sum_e w[c, e] bank[e, j]);
 //   dw_partial[c, b, e] = sum over block b's positions of bank[e, j] * dcomb[c, j];
 //   dbank_single (when not null, count == 1): dbank[e, j] = T(w[0, e] * dcomb[0, j]).
 template <typename T>
-std::string launch_bank_grad_groups(const acc_type<T>* weights, const acc_type<T>* dcomb, const T* bank,
-                                    int experts, int64_t plane, int64_t count, T* comb, acc_type<T>* dw_partial,
-                                    T* dbank_single, cudaStream_t stream);
+std::string launch_bank_grad_groups(const acc_type<T>* weights, const acc_type<T>* dcomb, const T* bank, int experts,
+                                    int64_t plane, int64_t count, T* comb, acc_type<T>* dw_partial, T* dbank_single,
+                                    cudaStream_t stream);
 
 // dbank[e, j] = (prev[e, j] if prev) + sum_c weights[c, e] * dcomb[c, j], written
 // to acc_out (float accumulator, may alias prev) or, for the last batch, to final_out (T).
 template <typename T>
 std::string launch_bank_grad_accumulate(const acc_type<T>* weights, const acc_type<T>* dcomb, int experts,
-                                        int64_t plane, int64_t count, const acc_type<T>* prev,
-                                        acc_type<T>* acc_out, T* final_out, cudaStream_t stream);
+                                        int64_t plane, int64_t count, const acc_type<T>* prev, acc_type<T>* acc_out,
+                                        T* final_out, cudaStream_t stream);
 
 // Z[m, e * r + i] = T(weights[(row0 + m) / weight_rows, e] * hidden[row0 + m, i]), m < rows.
 template <typename T>
@@ -141,28 +138,27 @@ std::string launch_kron_rows(const acc_type<T>* weights, int64_t weight_rows, co
 // dh_mix[n, i] = sum_e weights[n / weight_rows, e] * dZ[m, e, i].
 template <typename T>
 std::string launch_kron_rows_backward(const acc_type<T>* weights, int64_t weight_rows, const T* hidden,
-                                      const acc_type<T>* dZ, int64_t row0, int64_t rows, int64_t rank,
-                                      int experts, acc_type<T>* dweights_row, acc_type<T>* dh_mix,
-                                      cudaStream_t stream);
+                                      const acc_type<T>* dZ, int64_t row0, int64_t rows, int64_t rank, int experts,
+                                      acc_type<T>* dweights_row, acc_type<T>* dh_mix, cudaStream_t stream);
 
 // ---- small-N forward (small_mix.cu) ---------------------------------------------------------
 
 // Rows up to which the whole forward (routing, bank combination, product) is one
 // fused kernel that reads the bank once.
 constexpr int64_t kSmallMixRows = 64;
-constexpr int64_t kSmallMixCols = 64;   // output columns per block
-constexpr int64_t kSmallMixK = 32;      // reduction rows per shared-memory tile
+constexpr int64_t kSmallMixCols = 64;     // output columns per block
+constexpr int64_t kSmallMixK = 32;        // reduction rows per shared-memory tile
 constexpr int64_t kSmallMixBlocks = 264;  // target grid size (split-K), fixed so results depend only on the shape
 constexpr size_t kSmallMixMaxSmem = 48 * 1024;
 
 struct SmallMixPlan {
-  bool per_row = false;   // (W kron h) Bk_flat with K = E * r; else h (sum_e w_e Bk_e), K = r
+  bool per_row = false;  // (W kron h) Bk_flat with K = E * r; else h (sum_e w_e Bk_e), K = r
   int64_t k_total = 0;
   int64_t k_per_split = 0;
   int64_t splits = 0;
   int64_t col_tiles = 0;
   size_t smem_bytes = 0;
-  bool fits = false;      // N <= kSmallMixRows and the shared memory fits
+  bool fits = false;  // N <= kSmallMixRows and the shared memory fits
 };
 
 inline SmallMixPlan plan_small_mix(const MixShape& s, size_t acc_size) {
@@ -177,8 +173,8 @@ inline SmallMixPlan plan_small_mix(const MixShape& s, size_t acc_size) {
   p.splits = (chunks + chunks_per_split - 1) / chunks_per_split;
   p.k_per_split = chunks_per_split * kSmallMixK;
   const int64_t groups = s.mode == Mode::kStatic ? 1 : s.groups;
-  p.smem_bytes = acc_size * static_cast<size_t>(kSmallMixK * kSmallMixCols + s.rows * kSmallMixK +
-                                                s.rows * s.experts + groups * s.experts);
+  p.smem_bytes = acc_size * static_cast<size_t>(kSmallMixK * kSmallMixCols + s.rows * kSmallMixK + s.rows * s.experts +
+                                                groups * s.experts);
   p.fits = p.smem_bytes <= kSmallMixMaxSmem;
   return p;
 }
@@ -188,8 +184,8 @@ inline SmallMixPlan plan_small_mix(const MixShape& s, size_t acc_size) {
 // split order.
 template <typename T>
 std::string launch_small_mix(const MixShape& s, const SmallMixPlan& plan, acc_type<T> scaling, const T* hidden,
-                             const T* router, const T* bank, const uint8_t* mask, T* delta,
-                             acc_type<T>* partial, cudaStream_t stream);
+                             const T* router, const T* bank, const uint8_t* mask, T* delta, acc_type<T>* partial,
+                             cudaStream_t stream);
 
 // ---- tiled (W kron h) Bk_flat forward (kron_gemm.cu) ----------------------------------------
 
@@ -201,9 +197,8 @@ bool kron_gemm_supported(int cc);
 // delta[n] = T(scaling * (weights[n] kron hidden[n]) @ bank_flat), weights [rows, E];
 // the [rows, E * r] operand is formed tile by tile in shared memory only.
 template <typename T>
-std::string launch_kron_gemm(const acc_type<T>* weights, const T* hidden, const T* bank, int64_t rows,
-                             int64_t rank, int experts, int64_t out, acc_type<T> scaling, T* delta,
-                             cudaStream_t stream);
+std::string launch_kron_gemm(const acc_type<T>* weights, const T* hidden, const T* bank, int64_t rows, int64_t rank,
+                             int experts, int64_t out, acc_type<T> scaling, T* delta, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lily

@@ -28,7 +28,7 @@ struct KronArgs {
   const T* hidden;          // [rows, rank]
   const T* bank;            // [K, out]
   int64_t rows, out;
-  int rank, K, experts;     // K = E * r < 2^31 (checked by the driver)
+  int rank, K, experts;  // K = E * r < 2^31 (checked by the driver)
   acc_t<T> scaling;
   T* delta;
 };
@@ -332,8 +332,8 @@ std::string launch_kron_gemm(const acc_t<T>* weights, const T* hidden, const T* 
   return "";
 }
 
-#define LILY_INSTANTIATE(T)                                                                                  \
-  template bool kron_gemm_supported<T>(int);                                                                 \
+#define LILY_INSTANTIATE(T)                                                                                     \
+  template bool kron_gemm_supported<T>(int);                                                                    \
   template std::string launch_kron_gemm<T>(const acc_t<T>*, const T*, const T*, int64_t, int64_t, int, int64_t, \
                                            acc_t<T>, T*, cudaStream_t);
 

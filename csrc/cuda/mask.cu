@@ -44,13 +44,16 @@ std::string mask_to_bytes(const void* src, int64_t n, int elem_bytes, bool float
     case 1:
       if (float_bits) break;  // no 1-byte float type
       return launch_mask<uint8_t>(src, n, false, dst, stream);
-    case 2: return launch_mask<uint16_t>(src, n, float_bits, dst, stream);
-    case 4: return launch_mask<uint32_t>(src, n, float_bits, dst, stream);
-    case 8: return launch_mask<unsigned long long>(src, n, float_bits, dst, stream);
-    default: break;
+    case 2:
+      return launch_mask<uint16_t>(src, n, float_bits, dst, stream);
+    case 4:
+      return launch_mask<uint32_t>(src, n, float_bits, dst, stream);
+    case 8:
+      return launch_mask<unsigned long long>(src, n, float_bits, dst, stream);
+    default:
+      break;
   }
-  return "mask_to_bytes: unsupported element size " + std::to_string(elem_bytes) +
-         (float_bits ? " (float)" : "");
+  return "mask_to_bytes: unsupported element size " + std::to_string(elem_bytes) + (float_bits ? " (float)" : "");
 }
 
 }  // namespace cuda

@@ -14,12 +14,12 @@
 #include "common.cuh"
 #include "routed_mix_cuda.h"
 
-#define LILY_CUBLAS_CHECK(expr)                                                                     \
-  do {                                                                                              \
-    const cublasStatus_t lily_blas_status_ = (expr);                                                \
-    if (lily_blas_status_ != CUBLAS_STATUS_SUCCESS)                                                 \
-      return std::string(#expr) + " failed: " + cublasGetStatusName(lily_blas_status_) + " (" +     \
-             cublasGetStatusString(lily_blas_status_) + ")";                                        \
+#define LILY_CUBLAS_CHECK(expr)                                                                 \
+  do {                                                                                          \
+    const cublasStatus_t lily_blas_status_ = (expr);                                            \
+    if (lily_blas_status_ != CUBLAS_STATUS_SUCCESS)                                             \
+      return std::string(#expr) + " failed: " + cublasGetStatusName(lily_blas_status_) + " (" + \
+             cublasGetStatusString(lily_blas_status_) + ")";                                    \
   } while (0)
 
 namespace lily {
@@ -187,7 +187,7 @@ struct ForwardPlan {
   int64_t chunk_rows = 0;   // kPerRowGemm: rows of W kron h per GEMM
   int64_t group_batch = 0;  // kGrouped: combined banks per batched GEMM
   A* small_partial = nullptr;
-  A* weights = nullptr;     // [groups, E] (per-row paths: [N, E])
+  A* weights = nullptr;  // [groups, E] (per-row paths: [N, E])
   A* router_partial = nullptr;
   T* kron = nullptr;
   T* planes = nullptr;
@@ -232,8 +232,8 @@ ForwardPlan<T> plan_forward(const MixShape& s, void* workspace) {
 
 template <typename T>
 std::string forward_impl(const MixShape& s, double scaling, const T* hidden, const T* router, const T* bank,
-                         const uint8_t* mask, T* delta, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream, cublasHandle_t blas) {
+                         const uint8_t* mask, T* delta, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                         cublasHandle_t blas) {
   using A = acc_t<T>;
   const ForwardPlan<T> p = plan_forward<T>(s, workspace);
   if (p.bytes > workspace_bytes)
@@ -258,8 +258,8 @@ std::string forward_impl(const MixShape& s, double scaling, const T* hidden, con
       for (int64_t n0 = 0; n0 < N; n0 += p.chunk_rows) {
         const int64_t rows = std::min(p.chunk_rows, N - n0);
         LILY_TRY(launch_kron_rows<T>(p.weights, 1, hidden, n0, rows, r, e32, p.kron, stream));
-        LILY_TRY((gemm<T, T, A>(blas, false, false, rows, out, K, sc, p.kron, K, bank, out, A(0), delta + n0 * out,
-                                out)));
+        LILY_TRY(
+            (gemm<T, T, A>(blas, false, false, rows, out, K, sc, p.kron, K, bank, out, A(0), delta + n0 * out, out)));
       }
       return "";
     }
@@ -269,8 +269,8 @@ std::string forward_impl(const MixShape& s, double scaling, const T* hidden, con
       } else {
         LILY_TRY(launch_router_rows<T>(hidden, router, mask, r, e32, L, s.groups, nullptr, nullptr, p.router_partial,
                                        stream));
-        LILY_TRY(launch_router_finalize<A>(p.router_partial, s.groups, router_chunks(L), e32, p.weights, nullptr,
-                                           stream));
+        LILY_TRY(
+            launch_router_finalize<A>(p.router_partial, s.groups, router_chunks(L), e32, p.weights, nullptr, stream));
       }
       BlasScope scope;
       LILY_TRY(scope.enter(blas, stream));
@@ -307,16 +307,16 @@ struct BackwardPlan {
   A* dlogits = nullptr;         // [N, E] (not static)
   A* drouter_partial = nullptr;
   // per-row path
-  A* dweights_row = nullptr;    // [N, E] (not token)
-  T* kron = nullptr;            // [chunk_rows, E * r]
-  A* dkron = nullptr;           // [chunk_rows, E * r]
+  A* dweights_row = nullptr;  // [N, E] (not token)
+  T* kron = nullptr;          // [chunk_rows, E * r]
+  A* dkron = nullptr;         // [chunk_rows, E * r]
   // both paths: float accumulator of dbank when T is not the accumulation type
   // (per-row), or across group batches (grouped)
   A* dbank_acc = nullptr;
   // grouped path
-  A* dcomb = nullptr;           // [group_batch, r * out]
-  T* comb = nullptr;            // [group_batch, r * out]
-  A* dw_partial = nullptr;      // [group_batch, bank_grad_blocks, E]
+  A* dcomb = nullptr;       // [group_batch, r * out]
+  T* comb = nullptr;        // [group_batch, r * out]
+  A* dw_partial = nullptr;  // [group_batch, bank_grad_blocks, E]
   size_t bytes = 0;
 };
 
@@ -352,7 +352,8 @@ BackwardPlan<T> plan_backward(const MixShape& s, void* workspace) {
   } else {
     const int64_t plane = r * out;
     p.group_batch =
-        G == 1 ? 1 : clamp64(static_cast<int64_t>(budget / (plane * (sizeof(T) + sizeof(A)))), 1, std::min(G, kMaxGridY));
+        G == 1 ? 1
+               : clamp64(static_cast<int64_t>(budget / (plane * (sizeof(T) + sizeof(A)))), 1, std::min(G, kMaxGridY));
     p.dcomb = cv.take<A>(p.group_batch * plane);
     p.comb = cv.take<T>(p.group_batch * plane);
     p.dw_partial = cv.take<A>(p.group_batch * bank_grad_blocks(plane) * E);
@@ -410,11 +411,10 @@ std::string backward_impl(const MixShape& s, double scaling, const T* grad, cons
       const int64_t rows = std::min(p.chunk_rows, N - n0);
       const T* G_rows = grad + n0 * out;
       LILY_TRY(launch_kron_rows<T>(W, weight_rows, hidden, n0, rows, r, e32, p.kron, stream));
-      LILY_TRY((gemm<T, A, A>(blas, true, false, K, out, rows, sc, p.kron, K, G_rows, out, A(n0 > 0 ? 1 : 0),
-                              dbank_acc, out)));
+      LILY_TRY((gemm<T, A, A>(blas, true, false, K, out, rows, sc, p.kron, K, G_rows, out, A(n0 > 0 ? 1 : 0), dbank_acc,
+                              out)));
       LILY_TRY((gemm<T, A, A>(blas, false, true, rows, K, out, sc, G_rows, out, bank, out, A(0), p.dkron, K)));
-      LILY_TRY(launch_kron_rows_backward<T>(W, weight_rows, hidden, p.dkron, n0, rows, r, e32, dW_row, dh_mix,
-                                            stream));
+      LILY_TRY(launch_kron_rows_backward<T>(W, weight_rows, hidden, p.dkron, n0, rows, r, e32, dW_row, dh_mix, stream));
     }
     if (p.dbank_acc != nullptr) LILY_TRY(launch_convert<T>(p.dbank_acc, K * out, dbank, stream));
     if (!token) LILY_TRY(launch_sum_group_rows<A>(dW_row, G, L, e32, p.dweights, stream));
@@ -444,8 +444,8 @@ std::string backward_impl(const MixShape& s, double scaling, const T* grad, cons
     if (p.dh_mix != nullptr) LILY_TRY(launch_convert<T>(p.dh_mix, N * r, dhidden, stream));
     return "";
   }
-  LILY_TRY(launch_router_backward_rows<T>(router, p.probs, p.dweights, p.inv_count, mask, N, r, e32, L, s.mode,
-                                          dh_mix, dhidden, p.dlogits, stream));
+  LILY_TRY(launch_router_backward_rows<T>(router, p.probs, p.dweights, p.inv_count, mask, N, r, e32, L, s.mode, dh_mix,
+                                          dhidden, p.dlogits, stream));
   return launch_router_grad<T>(hidden, p.dlogits, N, r, e32, p.drouter_partial, drouter, stream);
 }
 
@@ -453,8 +453,8 @@ std::string backward_impl(const MixShape& s, double scaling, const T* grad, cons
 
 std::string check_limits(const MixShape& s) {
   if (s.experts > kMaxExperts)
-    return "bank: the CUDA kernels support E <= " + std::to_string(kMaxExperts) + " experts, got E = " +
-           std::to_string(s.experts);
+    return "bank: the CUDA kernels support E <= " + std::to_string(kMaxExperts) +
+           " experts, got E = " + std::to_string(s.experts);
   const int64_t limit = INT_MAX;
   if (s.rows > limit || s.out > limit || s.rank * s.experts > limit)
     return "shape too large for the CUDA kernels (N, out and E * r must each be < 2^31)";
@@ -465,10 +465,14 @@ std::string check_limits(const MixShape& s) {
 
 size_t forward_workspace_bytes(const MixShape& s, DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return plan_forward<float>(s, nullptr).bytes;
-    case DType::kFloat64: return plan_forward<double>(s, nullptr).bytes;
-    case DType::kFloat16: return plan_forward<__half>(s, nullptr).bytes;
-    case DType::kBFloat16: return plan_forward<__nv_bfloat16>(s, nullptr).bytes;
+    case DType::kFloat32:
+      return plan_forward<float>(s, nullptr).bytes;
+    case DType::kFloat64:
+      return plan_forward<double>(s, nullptr).bytes;
+    case DType::kFloat16:
+      return plan_forward<__half>(s, nullptr).bytes;
+    case DType::kBFloat16:
+      return plan_forward<__nv_bfloat16>(s, nullptr).bytes;
   }
   return 0;
 }
@@ -476,10 +480,18 @@ size_t forward_workspace_bytes(const MixShape& s, DType dtype) {
 size_t forward_blas_workspace_bytes(const MixShape& s, DType dtype) {
   ForwardPath path = ForwardPath::kEmpty;
   switch (dtype) {
-    case DType::kFloat32: path = plan_forward<float>(s, nullptr).path; break;
-    case DType::kFloat64: path = plan_forward<double>(s, nullptr).path; break;
-    case DType::kFloat16: path = plan_forward<__half>(s, nullptr).path; break;
-    case DType::kBFloat16: path = plan_forward<__nv_bfloat16>(s, nullptr).path; break;
+    case DType::kFloat32:
+      path = plan_forward<float>(s, nullptr).path;
+      break;
+    case DType::kFloat64:
+      path = plan_forward<double>(s, nullptr).path;
+      break;
+    case DType::kFloat16:
+      path = plan_forward<__half>(s, nullptr).path;
+      break;
+    case DType::kBFloat16:
+      path = plan_forward<__nv_bfloat16>(s, nullptr).path;
+      break;
   }
   if (path != ForwardPath::kGrouped && path != ForwardPath::kPerRowGemm) return 0;
   // cuBLAS's recommended workspace: 32 MiB on Hopper and later, 4 MiB before.
@@ -488,46 +500,57 @@ size_t forward_blas_workspace_bytes(const MixShape& s, DType dtype) {
 
 size_t backward_workspace_bytes(const MixShape& s, DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return plan_backward<float>(s, nullptr).bytes;
-    case DType::kFloat64: return plan_backward<double>(s, nullptr).bytes;
-    case DType::kFloat16: return plan_backward<__half>(s, nullptr).bytes;
-    case DType::kBFloat16: return plan_backward<__nv_bfloat16>(s, nullptr).bytes;
+    case DType::kFloat32:
+      return plan_backward<float>(s, nullptr).bytes;
+    case DType::kFloat64:
+      return plan_backward<double>(s, nullptr).bytes;
+    case DType::kFloat16:
+      return plan_backward<__half>(s, nullptr).bytes;
+    case DType::kBFloat16:
+      return plan_backward<__nv_bfloat16>(s, nullptr).bytes;
   }
   return 0;
 }
 
-std::string routed_mix_forward(const MixShape& s, DType dtype, double scaling, const void* hidden,
-                               const void* router, const void* bank, const uint8_t* mask, void* delta,
-                               void* workspace, size_t workspace_bytes, cudaStream_t stream, cublasHandle_t blas) {
+std::string routed_mix_forward(const MixShape& s, DType dtype, double scaling, const void* hidden, const void* router,
+                               const void* bank, const uint8_t* mask, void* delta, void* workspace,
+                               size_t workspace_bytes, cudaStream_t stream, cublasHandle_t blas) {
   LILY_TRY(check_limits(s));
-#define LILY_FORWARD(T)                                                                                        \
-  forward_impl<T>(s, scaling, static_cast<const T*>(hidden), static_cast<const T*>(router),                    \
-                  static_cast<const T*>(bank), mask, static_cast<T*>(delta), workspace, workspace_bytes, stream, \
-                  blas)
+#define LILY_FORWARD(T)                                                                     \
+  forward_impl<T>(s, scaling, static_cast<const T*>(hidden), static_cast<const T*>(router), \
+                  static_cast<const T*>(bank), mask, static_cast<T*>(delta), workspace, workspace_bytes, stream, blas)
   switch (dtype) {
-    case DType::kFloat32: return LILY_FORWARD(float);
-    case DType::kFloat64: return LILY_FORWARD(double);
-    case DType::kFloat16: return LILY_FORWARD(__half);
-    case DType::kBFloat16: return LILY_FORWARD(__nv_bfloat16);
+    case DType::kFloat32:
+      return LILY_FORWARD(float);
+    case DType::kFloat64:
+      return LILY_FORWARD(double);
+    case DType::kFloat16:
+      return LILY_FORWARD(__half);
+    case DType::kBFloat16:
+      return LILY_FORWARD(__nv_bfloat16);
   }
 #undef LILY_FORWARD
   return "unsupported dtype";
 }
 
 std::string routed_mix_backward(const MixShape& s, DType dtype, double scaling, const void* grad, const void* hidden,
-                                const void* router, const void* bank, const uint8_t* mask, void* dhidden,
-                                void* drouter, void* dbank, void* workspace, size_t workspace_bytes,
-                                cudaStream_t stream, cublasHandle_t blas) {
+                                const void* router, const void* bank, const uint8_t* mask, void* dhidden, void* drouter,
+                                void* dbank, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                                cublasHandle_t blas) {
   LILY_TRY(check_limits(s));
-#define LILY_BACKWARD(T)                                                                                         \
-  backward_impl<T>(s, scaling, static_cast<const T*>(grad), static_cast<const T*>(hidden),                       \
-                   static_cast<const T*>(router), static_cast<const T*>(bank), mask, static_cast<T*>(dhidden),   \
+#define LILY_BACKWARD(T)                                                                                       \
+  backward_impl<T>(s, scaling, static_cast<const T*>(grad), static_cast<const T*>(hidden),                     \
+                   static_cast<const T*>(router), static_cast<const T*>(bank), mask, static_cast<T*>(dhidden), \
                    static_cast<T*>(drouter), static_cast<T*>(dbank), workspace, workspace_bytes, stream, blas)
   switch (dtype) {
-    case DType::kFloat32: return LILY_BACKWARD(float);
-    case DType::kFloat64: return LILY_BACKWARD(double);
-    case DType::kFloat16: return LILY_BACKWARD(__half);
-    case DType::kBFloat16: return LILY_BACKWARD(__nv_bfloat16);
+    case DType::kFloat32:
+      return LILY_BACKWARD(float);
+    case DType::kFloat64:
+      return LILY_BACKWARD(double);
+    case DType::kFloat16:
+      return LILY_BACKWARD(__half);
+    case DType::kBFloat16:
+      return LILY_BACKWARD(__nv_bfloat16);
   }
 #undef LILY_BACKWARD
   return "unsupported dtype";

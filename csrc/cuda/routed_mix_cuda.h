@@ -47,15 +47,13 @@ size_t backward_workspace_bytes(const MixShape& shape, DType dtype);
 size_t forward_blas_workspace_bytes(const MixShape& shape, DType dtype);
 
 std::string routed_mix_forward(const MixShape& shape, DType dtype, double scaling, const void* hidden,
-                               const void* router, const void* bank, const uint8_t* mask, void* delta,
-                               void* workspace, size_t workspace_bytes, cudaStream_t stream,
-                               cublasHandle_t blas);
+                               const void* router, const void* bank, const uint8_t* mask, void* delta, void* workspace,
+                               size_t workspace_bytes, cudaStream_t stream, cublasHandle_t blas);
 
 std::string routed_mix_backward(const MixShape& shape, DType dtype, double scaling, const void* grad,
-                                const void* hidden, const void* router, const void* bank,
-                                const uint8_t* mask, void* dhidden, void* drouter, void* dbank,
-                                void* workspace, size_t workspace_bytes, cudaStream_t stream,
-                                cublasHandle_t blas);
+                                const void* hidden, const void* router, const void* bank, const uint8_t* mask,
+                                void* dhidden, void* drouter, void* dbank, void* workspace, size_t workspace_bytes,
+                                cudaStream_t stream, cublasHandle_t blas);
 
 // A mask of any element type as the byte mask the calls above take:
 // dst[i] = 1 where the i-th of n elements at src (elem_bytes = 1, 2, 4 or 8

@@ -219,9 +219,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename A>
-__global__ void __launch_bounds__(kThreads)
-    sum_partials_kernel(const A* __restrict__ partial, int64_t count, int64_t blocks, int experts,
-                        A* __restrict__ dweights) {
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const A* __restrict__ partial, int64_t count,
+                                                                int64_t blocks, int experts, A* __restrict__ dweights) {
   const int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (q >= count * experts) return;
   const int64_t c = q / experts, e = q - c * experts;
@@ -250,8 +249,8 @@ std::string launch_router_rows(const T* hidden, const T* router, const uint8_t* 
   const int64_t blocks = segments * chunks;
   if (blocks == 0) return "";
   const size_t smem = sizeof(acc_t<T>) * (2 * kWarps * experts + kWarps);
-  router_rows_kernel<T><<<blocks, kThreads, smem, stream>>>(hidden, router, mask, rank, experts, segment_rows,
-                                                            chunks, probs, row_weights, partial);
+  router_rows_kernel<T><<<blocks, kThreads, smem, stream>>>(hidden, router, mask, rank, experts, segment_rows, chunks,
+                                                            probs, row_weights, partial);
   LILY_LAUNCH_CHECK("router_rows_kernel");
   return "";
 }
@@ -275,8 +274,8 @@ std::string launch_static_weights(const T* theta, int experts, acc_t<T>* weights
 template <typename T>
 std::string launch_router_backward_rows(const T* router, const acc_t<T>* probs, const acc_t<T>* dweights,
                                         const acc_t<T>* inv_count, const uint8_t* mask, int64_t rows, int64_t rank,
-                                        int experts, int64_t group_rows, Mode mode, const acc_t<T>* dh_mix,
-                                        T* dhidden, acc_t<T>* dlogits, cudaStream_t stream) {
+                                        int experts, int64_t group_rows, Mode mode, const acc_t<T>* dh_mix, T* dhidden,
+                                        acc_t<T>* dlogits, cudaStream_t stream) {
   if (rows == 0) return "";
   const size_t smem = sizeof(acc_t<T>) * kWarps * experts;
   router_backward_rows_kernel<T><<<ceil_div(rows, kWarps), kThreads, smem, stream>>>(
@@ -294,8 +293,9 @@ std::string launch_router_grad(const T* hidden, const acc_t<T>* dlogits, int64_t
   if (entries == 0 || blocks == 0) return "";
   const int64_t tiles = grid_for(entries);
   if (tiles > kMaxGridY) return "router_grad: E * r = " + std::to_string(entries) + " is too large";
-  router_grad_partial_kernel<T><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles)), kThreads, 0,
-                                  stream>>>(hidden, dlogits, rows, rank, experts, router_grad_rows(rows), partial);
+  router_grad_partial_kernel<T>
+      <<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(
+          hidden, dlogits, rows, rank, experts, router_grad_rows(rows), partial);
   LILY_LAUNCH_CHECK("router_grad_partial_kernel");
   router_grad_finalize_kernel<T><<<tiles, kThreads, 0, stream>>>(partial, blocks, entries, drouter);
   LILY_LAUNCH_CHECK("router_grad_finalize_kernel");
@@ -314,8 +314,8 @@ template <typename A>
 std::string launch_sum_group_rows(const A* row_values, int64_t groups, int64_t group_rows, int experts, A* out,
                                   cudaStream_t stream) {
   if (groups == 0) return "";
-  sum_group_rows_kernel<A><<<grid_for(groups * experts), kThreads, 0, stream>>>(row_values, groups, group_rows,
-                                                                                 experts, out);
+  sum_group_rows_kernel<A>
+      <<<grid_for(groups * experts), kThreads, 0, stream>>>(row_values, groups, group_rows, experts, out);
   LILY_LAUNCH_CHECK("sum_group_rows_kernel");
   return "";
 }
@@ -324,8 +324,7 @@ template <typename A>
 std::string launch_sum_partials(const A* partial, int64_t count, int64_t blocks, int experts, A* dweights,
                                 cudaStream_t stream) {
   if (count == 0) return "";
-  sum_partials_kernel<A><<<grid_for(count * experts), kThreads, 0, stream>>>(partial, count, blocks, experts,
-                                                                              dweights);
+  sum_partials_kernel<A><<<grid_for(count * experts), kThreads, 0, stream>>>(partial, count, blocks, experts, dweights);
   LILY_LAUNCH_CHECK("sum_partials_kernel");
   return "";
 }
@@ -339,17 +338,16 @@ std::string launch_convert(const acc_t<T>* src, int64_t n, T* dst, cudaStream_t 
   return "";
 }
 
-#define LILY_INSTANTIATE_T(T)                                                                                   \
-  template std::string launch_router_rows<T>(const T*, const T*, const uint8_t*, int64_t, int, int64_t,         \
-                                             int64_t, acc_t<T>*, acc_t<T>*, acc_t<T>*, cudaStream_t);           \
-  template std::string launch_static_weights<T>(const T*, int, acc_t<T>*, cudaStream_t);                        \
-  template std::string launch_router_backward_rows<T>(const T*, const acc_t<T>*, const acc_t<T>*,               \
-                                                      const acc_t<T>*, const uint8_t*, int64_t, int64_t, int,   \
-                                                      int64_t, Mode, const acc_t<T>*, T*, acc_t<T>*,            \
-                                                      cudaStream_t);                                            \
-  template std::string launch_router_grad<T>(const T*, const acc_t<T>*, int64_t, int64_t, int, acc_t<T>*, T*,   \
-                                             cudaStream_t);                                                     \
-  template std::string launch_static_router_grad<T>(const acc_t<T>*, const acc_t<T>*, int, T*, cudaStream_t);   \
+#define LILY_INSTANTIATE_T(T)                                                                                      \
+  template std::string launch_router_rows<T>(const T*, const T*, const uint8_t*, int64_t, int, int64_t, int64_t,   \
+                                             acc_t<T>*, acc_t<T>*, acc_t<T>*, cudaStream_t);                       \
+  template std::string launch_static_weights<T>(const T*, int, acc_t<T>*, cudaStream_t);                           \
+  template std::string launch_router_backward_rows<T>(const T*, const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, \
+                                                      const uint8_t*, int64_t, int64_t, int, int64_t, Mode,        \
+                                                      const acc_t<T>*, T*, acc_t<T>*, cudaStream_t);               \
+  template std::string launch_router_grad<T>(const T*, const acc_t<T>*, int64_t, int64_t, int, acc_t<T>*, T*,      \
+                                             cudaStream_t);                                                        \
+  template std::string launch_static_router_grad<T>(const acc_t<T>*, const acc_t<T>*, int, T*, cudaStream_t);      \
   template std::string launch_convert<T>(const acc_t<T>*, int64_t, T*, cudaStream_t);
 
 LILY_INSTANTIATE_T(float)
@@ -357,9 +355,9 @@ LILY_INSTANTIATE_T(double)
 LILY_INSTANTIATE_T(__half)
 LILY_INSTANTIATE_T(__nv_bfloat16)
 
-#define LILY_INSTANTIATE_A(A)                                                                                    \
-  template std::string launch_router_finalize<A>(const A*, int64_t, int64_t, int, A*, A*, cudaStream_t);         \
-  template std::string launch_sum_group_rows<A>(const A*, int64_t, int64_t, int, A*, cudaStream_t);              \
+#define LILY_INSTANTIATE_A(A)                                                                            \
+  template std::string launch_router_finalize<A>(const A*, int64_t, int64_t, int, A*, A*, cudaStream_t); \
+  template std::string launch_sum_group_rows<A>(const A*, int64_t, int64_t, int, A*, cudaStream_t);      \
   template std::string launch_sum_partials<A>(const A*, int64_t, int64_t, int, A*, cudaStream_t);
 
 LILY_INSTANTIATE_A(float)

@@ -19,7 +19,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kCols = static_cast<int>(kSmallMixCols);
 constexpr int kK = static_cast<int>(kSmallMixK);
-constexpr int kRowsPerPass = kThreads / kCols;                      // 4 rows of the tile per pass
+constexpr int kRowsPerPass = kThreads / kCols;                             // 4 rows of the tile per pass
 constexpr int kRowSlots = static_cast<int>(kSmallMixRows) / kRowsPerPass;  // accumulators per thread
 static_assert(kThreads % kCols == 0 && kK % kRowsPerPass == 0, "tile shape");
 
@@ -168,9 +168,8 @@ __global__ void __launch_bounds__(kThreads) small_mix_kernel(const SmallMixArgs<
 
 // delta[n, col] = T(scaling * sum over splits, in order, of partial[split, n, col]).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    split_reduce_kernel(const acc_t<T>* __restrict__ partial, int64_t splits, int64_t size, acc_t<T> scaling,
-                        T* __restrict__ delta) {
+__global__ void __launch_bounds__(kThreads) split_reduce_kernel(const acc_t<T>* __restrict__ partial, int64_t splits,
+                                                                int64_t size, acc_t<T> scaling, T* __restrict__ delta) {
   using A = acc_t<T>;
   const int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (q >= size) return;
@@ -218,8 +217,8 @@ std::string launch_small_mix(const MixShape& s, const SmallMixPlan& plan, acc_t<
   return "";
 }
 
-#define LILY_INSTANTIATE(T)                                                                                        \
-  template std::string launch_small_mix<T>(const MixShape&, const SmallMixPlan&, acc_t<T>, const T*, const T*,     \
+#define LILY_INSTANTIATE(T)                                                                                    \
+  template std::string launch_small_mix<T>(const MixShape&, const SmallMixPlan&, acc_t<T>, const T*, const T*, \
                                            const T*, const uint8_t*, T*, acc_t<T>*, cudaStream_t);
 
 LILY_INSTANTIATE(float)

@@ -11,10 +11,22 @@ namespace lily {
 enum class Mode { kBatch, kSequence, kToken, kStatic };
 
 inline bool parse_mode(const std::string& name, Mode* mode) {
-  if (name == "batch") { *mode = Mode::kBatch; return true; }
-  if (name == "sequence") { *mode = Mode::kSequence; return true; }
-  if (name == "token") { *mode = Mode::kToken; return true; }
-  if (name == "static") { *mode = Mode::kStatic; return true; }
+  if (name == "batch") {
+    *mode = Mode::kBatch;
+    return true;
+  }
+  if (name == "sequence") {
+    *mode = Mode::kSequence;
+    return true;
+  }
+  if (name == "token") {
+    *mode = Mode::kToken;
+    return true;
+  }
+  if (name == "static") {
+    *mode = Mode::kStatic;
+    return true;
+  }
   return false;
 }
 
@@ -25,10 +37,14 @@ inline std::string bad_mode_message(const std::string& name) {
 
 inline const char* mode_name(Mode mode) {
   switch (mode) {
-    case Mode::kBatch: return "batch";
-    case Mode::kSequence: return "sequence";
-    case Mode::kToken: return "token";
-    case Mode::kStatic: return "static";
+    case Mode::kBatch:
+      return "batch";
+    case Mode::kSequence:
+      return "sequence";
+    case Mode::kToken:
+      return "token";
+    case Mode::kStatic:
+      return "static";
   }
   return "?";
 }
@@ -66,29 +82,26 @@ inline std::string check_shapes(const std::string& mode_str, const std::vector<i
                                 const std::vector<int64_t>* mask, MixShape* shape) {
   MixShape s;
   if (!parse_mode(mode_str, &s.mode)) return bad_mode_message(mode_str);
-  if (bank.size() != 3)
-    return "bank: expected a 3-D tensor [E, r, out], got shape " + dims_str(bank);
+  if (bank.size() != 3) return "bank: expected a 3-D tensor [E, r, out], got shape " + dims_str(bank);
   s.experts = bank[0];
   s.rank = bank[1];
   s.out = bank[2];
   if (s.experts < 1 || s.rank < 1 || s.out < 1)
     return "bank: every dim of [E, r, out] must be >= 1, got shape " + dims_str(bank);
-  if (hidden.empty())
-    return "hidden: expected a tensor [..., r] with at least 1 dim, got a 0-dim tensor";
+  if (hidden.empty()) return "hidden: expected a tensor [..., r] with at least 1 dim, got a 0-dim tensor";
   if (hidden.back() != s.rank)
-    return "hidden: last dim must equal bank's r = " + std::to_string(s.rank) + ", got shape " +
-           dims_str(hidden);
+    return "hidden: last dim must equal bank's r = " + std::to_string(s.rank) + ", got shape " + dims_str(hidden);
   if (s.mode == Mode::kStatic) {
     if (router.size() != 1 || router[0] != s.experts)
-      return "router: static mode expects theta of shape [E] = [" + std::to_string(s.experts) +
-             "], got shape " + dims_str(router);
+      return "router: static mode expects theta of shape [E] = [" + std::to_string(s.experts) + "], got shape " +
+             dims_str(router);
   } else {
     if (s.experts < 2)
       return std::string("bank: mode '") + mode_name(s.mode) +
              "' routes between experts and needs num_B = E >= 2, got E = 1";
     if (router.size() != 2 || router[0] != s.experts || router[1] != s.rank)
-      return "router: expected shape [E, r] = [" + std::to_string(s.experts) + ", " +
-             std::to_string(s.rank) + "], got shape " + dims_str(router);
+      return "router: expected shape [E, r] = [" + std::to_string(s.experts) + ", " + std::to_string(s.rank) +
+             "], got shape " + dims_str(router);
   }
   s.rows = 1;
   for (size_t i = 0; i + 1 < hidden.size(); ++i) {
@@ -117,8 +130,7 @@ inline std::string check_shapes(const std::string& mode_str, const std::vector<i
       return std::string("mask: only mode 'sequence' takes a mask, got mode '") + mode_name(s.mode) + "'";
     const std::vector<int64_t> expected(hidden.begin(), hidden.end() - 1);
     if (*mask != expected)
-      return "mask: expected shape " + dims_str(expected) + " (hidden's shape without r), got " +
-             dims_str(*mask);
+      return "mask: expected shape " + dims_str(expected) + " (hidden's shape without r), got " + dims_str(*mask);
   }
   *shape = s;
   return "";

@@ -147,9 +147,8 @@ LILY_INLINE void micro_kernel(int64_t kc, const T* __restrict__ a, const T* __re
 }
 
 template <typename T, int VB, int MR, int NV>
-LILY_INLINE void gemm_tile_impl(int64_t tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-                                T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
-                                int64_t ldc) {
+LILY_INLINE void gemm_tile_impl(int64_t tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
+                                const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   constexpr int NR = NV * int(VB / sizeof(T));
   static_assert(kGemmTileRows % MR == 0 && kGemmTileCols % NR == 0, "tiles must hold whole micro-tiles");
   constexpr int64_t KC = kDepth<T>;
@@ -180,32 +179,32 @@ LILY_INLINE void gemm_tile_impl(int64_t tile, bool trans_a, bool trans_b, int64_
 //   AVX-512: 12 x 2 zmm = 24 accumulators + 2 B vectors + 1 broadcast of 32;
 //   AVX2:     6 x 2 ymm = 12 accumulators + 2 + 1 of 16 (the classic 6x16);
 //   SSE2:     4 x 2 xmm =  8 accumulators + 2 + 1 of 16.
-#define LILY_GEMM_TILE_ARGS(T)                                                                      \
-  int64_t tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,   \
-      int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc
+#define LILY_GEMM_TILE_ARGS(T)                                                                                 \
+  int64_t tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T *A, int64_t lda, \
+      const T *B, int64_t ldb, T beta, T *C, int64_t ldc
 #define LILY_GEMM_TILE_PASS tile, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc
 
 #ifdef LILY_GEMM_MULTIVERSION
 // LILY_GEMM_NO_AVX512 (tests only) drops the AVX-512 level so that an AVX-512
 // host can check the AVX2 kernel.
 #ifndef LILY_GEMM_NO_AVX512
-#define LILY_TILE_V4(T)                                                                             \
-  __attribute__((target("arch=x86-64-v4"))) void tile_kernel(LILY_GEMM_TILE_ARGS(T)) {             \
-    gemm_tile_impl<T, 64, 12, 2>(LILY_GEMM_TILE_PASS);                                             \
+#define LILY_TILE_V4(T)                                                                \
+  __attribute__((target("arch=x86-64-v4"))) void tile_kernel(LILY_GEMM_TILE_ARGS(T)) { \
+    gemm_tile_impl<T, 64, 12, 2>(LILY_GEMM_TILE_PASS);                                 \
   }
 #else
 #define LILY_TILE_V4(T)
 #endif
-#define LILY_DEFINE_TILE(T)                                                                         \
-  LILY_TILE_V4(T)                                                                                   \
-  __attribute__((target("arch=x86-64-v3"))) void tile_kernel(LILY_GEMM_TILE_ARGS(T)) {             \
-    gemm_tile_impl<T, 32, 6, 2>(LILY_GEMM_TILE_PASS);                                              \
-  }                                                                                                 \
-  __attribute__((target("default"))) void tile_kernel(LILY_GEMM_TILE_ARGS(T)) {                    \
-    gemm_tile_impl<T, 16, 4, 2>(LILY_GEMM_TILE_PASS);                                              \
+#define LILY_DEFINE_TILE(T)                                                            \
+  LILY_TILE_V4(T)                                                                      \
+  __attribute__((target("arch=x86-64-v3"))) void tile_kernel(LILY_GEMM_TILE_ARGS(T)) { \
+    gemm_tile_impl<T, 32, 6, 2>(LILY_GEMM_TILE_PASS);                                  \
+  }                                                                                    \
+  __attribute__((target("default"))) void tile_kernel(LILY_GEMM_TILE_ARGS(T)) {        \
+    gemm_tile_impl<T, 16, 4, 2>(LILY_GEMM_TILE_PASS);                                  \
   }
 #else
-#define LILY_DEFINE_TILE(T)                                                                         \
+#define LILY_DEFINE_TILE(T) \
   void tile_kernel(LILY_GEMM_TILE_ARGS(T)) { gemm_tile_impl<T, 16, 4, 2>(LILY_GEMM_TILE_PASS); }
 #endif
 
@@ -238,8 +237,8 @@ void scale_impl(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
 
 const char* gemm_kernel_name() { return kernel_name(); }
 
-#define LILY_DEFINE_GEMM(T)                                                                         \
-  void gemm_tile(LILY_GEMM_TILE_ARGS(T)) { tile_kernel(LILY_GEMM_TILE_PASS); }                     \
+#define LILY_DEFINE_GEMM(T)                                                    \
+  void gemm_tile(LILY_GEMM_TILE_ARGS(T)) { tile_kernel(LILY_GEMM_TILE_PASS); } \
   void gemm_scale(int64_t M, int64_t N, T beta, T* C, int64_t ldc) { scale_impl(M, N, beta, C, ldc); }
 
 LILY_DEFINE_GEMM(float)

@@ -22,13 +22,12 @@ namespace cpu {
 constexpr int64_t kGemmTileRows = 192;
 constexpr int64_t kGemmTileCols = 512;
 
-#define LILY_DECLARE_GEMM(T)                                                                       \
-  /* Computes tile `tile` of C (tiles numbered row-major over a grid of                       */ \
-  /* ceil(N / kGemmTileCols) tile columns).                                                     */ \
-  void gemm_tile(int64_t tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,       \
-                 T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,          \
-                 int64_t ldc);                                                                     \
-  /* C[M, N] *= beta, or = 0 when beta == 0 (the K == 0 case) */                                   \
+#define LILY_DECLARE_GEMM(T)                                                                                     \
+  /* Computes tile `tile` of C (tiles numbered row-major over a grid of                       */                 \
+  /* ceil(N / kGemmTileCols) tile columns).                                                     */               \
+  void gemm_tile(int64_t tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, \
+                 int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);                               \
+  /* C[M, N] *= beta, or = 0 when beta == 0 (the K == 0 case) */                                                 \
   void gemm_scale(int64_t M, int64_t N, T beta, T* C, int64_t ldc);
 
 LILY_DECLARE_GEMM(float)
@@ -44,8 +43,8 @@ inline int64_t gemm_tile_count(int64_t M, int64_t N) {
 
 // The whole GEMM, tiles spread over `par.parallel_for(n, f(begin, end))`.
 template <typename T, class Par>
-void blocked_gemm(const Par& par, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
-                  const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+void blocked_gemm(const Par& par, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                  int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0 || alpha == T(0)) {
     gemm_scale(M, N, beta, C, ldc);
@@ -59,9 +58,9 @@ void blocked_gemm(const Par& par, bool trans_a, bool trans_b, int64_t M, int64_t
 // `batch` independent GEMMs with beta = 0, matrix i at A + i * stride_a etc.;
 // one task per tile of every matrix, so small matrices still fill the threads.
 template <typename T, class Par>
-void blocked_gemm_batched(const Par& par, bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N,
-                          int64_t K, T alpha, const T* A, int64_t lda, int64_t stride_a, const T* B,
-                          int64_t ldb, int64_t stride_b, T* C, int64_t ldc, int64_t stride_c) {
+void blocked_gemm_batched(const Par& par, bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
+                          T alpha, const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b,
+                          T* C, int64_t ldc, int64_t stride_c) {
   if (batch <= 0 || M <= 0 || N <= 0) return;
   if (K <= 0 || alpha == T(0)) {
     for (int64_t i = 0; i < batch; ++i) gemm_scale(M, N, T(0), C + i * stride_c, ldc);

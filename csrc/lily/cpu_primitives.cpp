@@ -75,8 +75,8 @@ LILY_INLINE void softmax_row(T* p, int64_t experts) {
 // Logits four rows at a time: four independent FMA chains hide the FMA latency
 // a single dot product would wait on, and each router load feeds four rows.
 template <typename T>
-LILY_INLINE void router_softmax_impl(const T* hidden, int64_t rows, int64_t rank, const T* router,
-                                     int64_t experts, T* probs) {
+LILY_INLINE void router_softmax_impl(const T* hidden, int64_t rows, int64_t rank, const T* router, int64_t experts,
+                                     T* probs) {
   using S = Simd<T>;
   using V = typename S::type;
   constexpr int64_t W = S::width;
@@ -119,9 +119,8 @@ LILY_INLINE void router_softmax_impl(const T* hidden, int64_t rows, int64_t rank
 }
 
 template <typename T>
-LILY_INLINE void combine_bank_impl(const T* weights, const T* bank, int64_t experts, int64_t rank,
-                                   int64_t out, int64_t i0, int64_t i1, int64_t c0, int64_t cols,
-                                   T* dst, int64_t ld_dst) {
+LILY_INLINE void combine_bank_impl(const T* weights, const T* bank, int64_t experts, int64_t rank, int64_t out,
+                                   int64_t i0, int64_t i1, int64_t c0, int64_t cols, T* dst, int64_t ld_dst) {
   const int64_t plane = rank * out;
   for (int64_t i = i0; i < i1; ++i) {
     T* d = dst + (i - i0) * ld_dst;
@@ -141,9 +140,8 @@ LILY_INLINE void combine_bank_impl(const T* weights, const T* bank, int64_t expe
 // contiguous buffer: rows of B a power-of-two apart (out = 1024 floats is 4 KiB)
 // would all land in the same L1 sets and evict each other.
 template <typename T>
-LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, const T* A,
-                                 int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,
-                                 int64_t ldc) {
+LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row, int64_t a_col,
+                                 const T* B, int64_t ldb, T* C, int64_t ldc) {
   using S = Simd<T>;
   using V = typename S::type;
   constexpr int64_t W = S::width;
@@ -214,8 +212,8 @@ LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, co
 // that each load feeds two or four FMAs. The A tile (4 rows) stays in L1 while
 // every row of B streams past it once.
 template <typename T>
-LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                                    int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+                                    int64_t ldb, T* C, int64_t ldc) {
   using S = Simd<T>;
   using V = typename S::type;
   constexpr int64_t W = S::width;
@@ -259,9 +257,8 @@ LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, co
 }
 
 template <typename T>
-LILY_INLINE void bank_grad_impl(const T* weights, const T* dcomb, const T* bank, int64_t experts,
-                                int64_t plane, int64_t j0, int64_t j1, bool accumulate, T* dbank,
-                                T* dweights, T* comb) {
+LILY_INLINE void bank_grad_impl(const T* weights, const T* dcomb, const T* bank, int64_t experts, int64_t plane,
+                                int64_t j0, int64_t j1, bool accumulate, T* dbank, T* dweights, T* comb) {
   constexpr int64_t kBlock = 1024;  // a block of every expert's plane stays in L1 for all three uses
   for (int64_t e = 0; e < experts; ++e) dweights[e] = 0;
   for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
@@ -288,8 +285,7 @@ LILY_INLINE void bank_grad_impl(const T* weights, const T* dcomb, const T* bank,
 }
 
 template <typename T>
-LILY_INLINE void kron_rows_impl(const T* W, const T* hidden, int64_t rows, int64_t experts,
-                                int64_t rank, T* Z) {
+LILY_INLINE void kron_rows_impl(const T* W, const T* hidden, int64_t rows, int64_t experts, int64_t rank, T* Z) {
   for (int64_t n = 0; n < rows; ++n) {
     const T* h = hidden + n * rank;
     for (int64_t e = 0; e < experts; ++e) {
@@ -301,8 +297,8 @@ LILY_INLINE void kron_rows_impl(const T* W, const T* hidden, int64_t rows, int64
 }
 
 template <typename T>
-LILY_INLINE void kron_rows_backward_impl(const T* W, const T* hidden, const T* dZ, int64_t rows,
-                                         int64_t experts, int64_t rank, T* dW, T* dhidden) {
+LILY_INLINE void kron_rows_backward_impl(const T* W, const T* hidden, const T* dZ, int64_t rows, int64_t experts,
+                                         int64_t rank, T* dW, T* dhidden) {
   for (int64_t n = 0; n < rows; ++n) {
     const T* h = hidden + n * rank;
     T* dh = dhidden + n * rank;
@@ -317,9 +313,8 @@ LILY_INLINE void kron_rows_backward_impl(const T* W, const T* hidden, const T* d
 }
 
 template <typename T>
-LILY_INLINE void router_backward_impl(const T* hidden, const T* probs, const T* dprobs,
-                                      int64_t rows, int64_t rank, const T* router,
-                                      int64_t experts, T* dhidden, T* drouter) {
+LILY_INLINE void router_backward_impl(const T* hidden, const T* probs, const T* dprobs, int64_t rows, int64_t rank,
+                                      const T* router, int64_t experts, T* dhidden, T* drouter) {
   for (int64_t n = 0; n < rows; ++n) {
     const T* p = probs + n * experts;
     const T* dp = dprobs + n * experts;
@@ -341,44 +336,37 @@ LILY_INLINE void router_backward_impl(const T* hidden, const T* probs, const T* 
 
 }  // namespace
 
-#define LILY_DEFINE_PRIMITIVES(T)                                                                  \
-  LILY_MULTIVERSION void router_softmax(const T* hidden, int64_t rows, int64_t rank,              \
-                                        const T* router, int64_t experts, T* probs) {             \
-    router_softmax_impl(hidden, rows, rank, router, experts, probs);                               \
-  }                                                                                                \
-  LILY_MULTIVERSION void combine_bank(const T* weights, const T* bank, int64_t experts,           \
-                                      int64_t rank, int64_t out, int64_t i0, int64_t i1,          \
-                                      int64_t c0, int64_t cols, T* dst, int64_t ld_dst) {         \
-    combine_bank_impl(weights, bank, experts, rank, out, i0, i1, c0, cols, dst, ld_dst);           \
-  }                                                                                                \
-  LILY_MULTIVERSION void gemm_small(int64_t M, int64_t K, int64_t cols, T alpha, const T* A,      \
-                                    int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,  \
-                                    int64_t ldc) {                                                \
-    gemm_small_impl(M, K, cols, alpha, A, a_row, a_col, B, ldb, C, ldc);                           \
-  }                                                                                                \
-  LILY_MULTIVERSION void gemm_small_nt(int64_t M, int64_t N, int64_t K, T alpha, const T* A,      \
-                                       int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) { \
-    gemm_small_nt_impl(M, N, K, alpha, A, lda, B, ldb, C, ldc);                                    \
-  }                                                                                                \
-  LILY_MULTIVERSION void bank_grad(const T* weights, const T* dcomb, const T* bank,              \
-                                   int64_t experts, int64_t plane, int64_t j0, int64_t j1,        \
-                                   bool accumulate, T* dbank, T* dweights, T* comb) {             \
-    bank_grad_impl(weights, dcomb, bank, experts, plane, j0, j1, accumulate, dbank, dweights,      \
-                   comb);                                                                          \
-  }                                                                                                \
-  LILY_MULTIVERSION void kron_rows(const T* W, const T* hidden, int64_t rows, int64_t experts,    \
-                                   int64_t rank, T* Z) {                                          \
-    kron_rows_impl(W, hidden, rows, experts, rank, Z);                                             \
-  }                                                                                                \
-  LILY_MULTIVERSION void kron_rows_backward(const T* W, const T* hidden, const T* dZ,            \
-                                            int64_t rows, int64_t experts, int64_t rank, T* dW,   \
-                                            T* dhidden) {                                         \
-    kron_rows_backward_impl(W, hidden, dZ, rows, experts, rank, dW, dhidden);                      \
-  }                                                                                                \
-  LILY_MULTIVERSION void router_backward(const T* hidden, const T* probs, const T* dprobs,       \
-                                         int64_t rows, int64_t rank, const T* router,             \
-                                         int64_t experts, T* dhidden, T* drouter) {               \
-    router_backward_impl(hidden, probs, dprobs, rows, rank, router, experts, dhidden, drouter);    \
+#define LILY_DEFINE_PRIMITIVES(T)                                                                                      \
+  LILY_MULTIVERSION void router_softmax(const T* hidden, int64_t rows, int64_t rank, const T* router, int64_t experts, \
+                                        T* probs) {                                                                    \
+    router_softmax_impl(hidden, rows, rank, router, experts, probs);                                                   \
+  }                                                                                                                    \
+  LILY_MULTIVERSION void combine_bank(const T* weights, const T* bank, int64_t experts, int64_t rank, int64_t out,     \
+                                      int64_t i0, int64_t i1, int64_t c0, int64_t cols, T* dst, int64_t ld_dst) {      \
+    combine_bank_impl(weights, bank, experts, rank, out, i0, i1, c0, cols, dst, ld_dst);                               \
+  }                                                                                                                    \
+  LILY_MULTIVERSION void gemm_small(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row,            \
+                                    int64_t a_col, const T* B, int64_t ldb, T* C, int64_t ldc) {                       \
+    gemm_small_impl(M, K, cols, alpha, A, a_row, a_col, B, ldb, C, ldc);                                               \
+  }                                                                                                                    \
+  LILY_MULTIVERSION void gemm_small_nt(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,  \
+                                       int64_t ldb, T* C, int64_t ldc) {                                               \
+    gemm_small_nt_impl(M, N, K, alpha, A, lda, B, ldb, C, ldc);                                                        \
+  }                                                                                                                    \
+  LILY_MULTIVERSION void bank_grad(const T* weights, const T* dcomb, const T* bank, int64_t experts, int64_t plane,    \
+                                   int64_t j0, int64_t j1, bool accumulate, T* dbank, T* dweights, T* comb) {          \
+    bank_grad_impl(weights, dcomb, bank, experts, plane, j0, j1, accumulate, dbank, dweights, comb);                   \
+  }                                                                                                                    \
+  LILY_MULTIVERSION void kron_rows(const T* W, const T* hidden, int64_t rows, int64_t experts, int64_t rank, T* Z) {   \
+    kron_rows_impl(W, hidden, rows, experts, rank, Z);                                                                 \
+  }                                                                                                                    \
+  LILY_MULTIVERSION void kron_rows_backward(const T* W, const T* hidden, const T* dZ, int64_t rows, int64_t experts,   \
+                                            int64_t rank, T* dW, T* dhidden) {                                         \
+    kron_rows_backward_impl(W, hidden, dZ, rows, experts, rank, dW, dhidden);                                          \
+  }                                                                                                                    \
+  LILY_MULTIVERSION void router_backward(const T* hidden, const T* probs, const T* dprobs, int64_t rows, int64_t rank, \
+                                         const T* router, int64_t experts, T* dhidden, T* drouter) {                   \
+    router_backward_impl(hidden, probs, dprobs, rows, rank, router, experts, dhidden, drouter);                        \
   }
 
 LILY_DEFINE_PRIMITIVES(float)

@@ -61,10 +61,10 @@ std::unique_ptr<T[]> scratch(int64_t n) {
 // out = 1024): NN with M <= 64 and TN with K <= 64 (L1-friendly packed panels,
 // no BLAS call overhead); NT only for M <= 16 (row dot products; MKL wins above).
 template <typename T, typename Backend>
-void matmul(const Backend& be, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
-            const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  const bool small = beta == T(0) && !(trans_a && trans_b) &&
-                     (trans_b ? M <= kSmallRowsNT : (trans_a ? K : M) <= kSmallRows);
+void matmul(const Backend& be, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+            int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  const bool small =
+      beta == T(0) && !(trans_a && trans_b) && (trans_b ? M <= kSmallRowsNT : (trans_a ? K : M) <= kSmallRows);
   if (!small) {
     be.gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   } else if (trans_b) {
@@ -82,8 +82,8 @@ void matmul(const Backend& be, bool trans_a, bool trans_b, int64_t M, int64_t N,
     be.parallel_for(ceil_div(M, kRowsOfC) * col_tasks, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t m0 = (t / col_tasks) * kRowsOfC, c0 = (t % col_tasks) * CB;
-        gemm_small(std::min(kRowsOfC, M - m0), K, std::min(CB, N - c0), alpha, A + m0 * a_row, a_row,
-                   a_col, B + c0, ldb, C + m0 * ldc + c0, ldc);
+        gemm_small(std::min(kRowsOfC, M - m0), K, std::min(CB, N - c0), alpha, A + m0 * a_row, a_row, a_col, B + c0,
+                   ldb, C + m0 * ldc + c0, ldc);
       }
     });
   }
@@ -152,8 +152,8 @@ int64_t groups_per_batch(const MixShape& s) {
 
 // delta[g rows] = scaling * hidden[g rows] @ (sum_e W[g, e] bank[e]) for each group.
 template <typename T, typename Backend>
-void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* bank,
-                 const T* W, T* delta) {
+void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* bank, const T* W,
+                 T* delta) {
   const int64_t E = s.experts, r = s.rank, out = s.out, L = s.group_rows;
   if (L <= kSmallRows) {
     // Wide column blocks keep the bank reads long and contiguous; gemm_small
@@ -167,8 +167,8 @@ void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidde
         const int64_t width = std::min(kWideCols, out - c0);
         combine_bank(W + g * E, bank, E, r, out, 0, r, c0, width, comb.get(), kWideCols);
         for (int64_t c = 0; c < width; c += CB)
-          gemm_small(L, r, std::min(CB, width - c), scaling, hidden + g * L * r, r, 1, comb.get() + c,
-                     kWideCols, delta + g * L * out + c0 + c, out);
+          gemm_small(L, r, std::min(CB, width - c), scaling, hidden + g * L * r, r, 1, comb.get() + c, kWideCols,
+                     delta + g * L * out + c0 + c, out);
       }
     });
     return;
@@ -185,18 +185,19 @@ void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidde
       }
     });
     if (count == 1)
-      be.gemm(false, false, L, out, r, scaling, hidden + g0 * L * r, r, comb.get(), out, T(0), delta + g0 * L * out, out);
+      be.gemm(false, false, L, out, r, scaling, hidden + g0 * L * r, r, comb.get(), out, T(0), delta + g0 * L * out,
+              out);
     else
-      be.gemm_batched(false, false, count, L, out, r, scaling, hidden + g0 * L * r, r, L * r, comb.get(), out,
-                      plane, delta + g0 * L * out, out, L * out);
+      be.gemm_batched(false, false, count, L, out, r, scaling, hidden + g0 * L * r, r, L * r, comb.get(), out, plane,
+                      delta + g0 * L * out, out, L * out);
   }
 }
 
 // delta[n] = scaling * (W[n] kron hidden[n]) @ bank_flat, rows in pieces so the
 // [rows, E * r] operand stays bounded.
 template <typename T, typename Backend>
-void mix_per_row(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* bank,
-                 const T* W, T* delta) {
+void mix_per_row(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* bank, const T* W,
+                 T* delta) {
   const int64_t N = s.rows, E = s.experts, r = s.rank, out = s.out, K = E * r;
   auto Z = scratch<T>(std::min(N, kKronRows) * K);
   for (int64_t n0 = 0; n0 < N; n0 += kKronRows) {
@@ -212,8 +213,8 @@ void mix_per_row(const Backend& be, const MixShape& s, T scaling, const T* hidde
 }
 
 template <typename T, typename Backend>
-void routed_mix_forward(const Backend& be, const MixShape& s, T scaling, const T* hidden,
-                        const T* router, const T* bank, const uint8_t* mask, T* delta) {
+void routed_mix_forward(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* router,
+                        const T* bank, const uint8_t* mask, T* delta) {
   if (s.rows == 0) return;
   const Routing<T> rt = compute_routing<T>(be, s, hidden, router, mask);
   if (mixes_per_row(s))
@@ -226,8 +227,8 @@ void routed_mix_forward(const Backend& be, const MixShape& s, T scaling, const T
 // Groups of up to kSmallRows rows use the gemm_small kernels one group at a
 // time; larger groups go to the BLAS in batches.
 template <typename T, typename Backend>
-void mix_grouped_backward(const Backend& be, const MixShape& s, T scaling, const T* grad,
-                          const T* hidden, const T* bank, const T* W, T* dhidden, T* dbank, T* dW) {
+void mix_grouped_backward(const Backend& be, const MixShape& s, T scaling, const T* grad, const T* hidden,
+                          const T* bank, const T* W, T* dhidden, T* dbank, T* dW) {
   const int64_t E = s.experts, r = s.rank, out = s.out, L = s.group_rows, plane = r * out;
   const int64_t pieces = ceil_div(plane, kPlanePiece);
   const int64_t batch = L <= kSmallRows ? 1 : groups_per_batch<T>(s);
@@ -247,8 +248,8 @@ void mix_grouped_backward(const Backend& be, const MixShape& s, T scaling, const
       be.parallel_for(pieces, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t j0 = p * kPlanePiece, j1 = std::min(plane, j0 + kPlanePiece);
-          bank_grad(W + g * E, dcomb.get() + c * plane, bank, E, plane, j0, j1, g > 0, dbank,
-                    partial.get() + p * E, comb.get() + c * plane);
+          bank_grad(W + g * E, dcomb.get() + c * plane, bank, E, plane, j0, j1, g > 0, dbank, partial.get() + p * E,
+                    comb.get() + c * plane);
         }
       });
       for (int64_t e = 0; e < E; ++e) {
@@ -269,8 +270,8 @@ void mix_grouped_backward(const Backend& be, const MixShape& s, T scaling, const
 // Backward of mix_per_row, W given per row: with Z = W kron h,
 // dBk_flat = s Z^T G and dZ = s G Bk_flat^T; writes dhidden, dbank, dW [N, E].
 template <typename T, typename Backend>
-void mix_per_row_backward(const Backend& be, const MixShape& s, T scaling, const T* grad,
-                          const T* hidden, const T* bank, const T* W, T* dhidden, T* dbank, T* dW) {
+void mix_per_row_backward(const Backend& be, const MixShape& s, T scaling, const T* grad, const T* hidden,
+                          const T* bank, const T* W, T* dhidden, T* dbank, T* dW) {
   const int64_t N = s.rows, E = s.experts, r = s.rank, out = s.out, K = E * r;
   const int64_t chunk = std::min(N, kKronRows);
   auto Z = scratch<T>(chunk * K), dZ = scratch<T>(chunk * K);
@@ -289,17 +290,15 @@ void mix_per_row_backward(const Backend& be, const MixShape& s, T scaling, const
     be.parallel_for(pieces, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m0 = b * kRowPiece, m1 = std::min(rows, m0 + kRowPiece), n = n0 + m0;
-        kron_rows_backward(W + n * E, hidden + n * r, dZ.get() + m0 * K, m1 - m0, E, r, dW + n * E,
-                           dhidden + n * r);
+        kron_rows_backward(W + n * E, hidden + n * r, dZ.get() + m0 * K, m1 - m0, E, r, dW + n * E, dhidden + n * r);
       }
     });
   }
 }
 
 template <typename T, typename Backend>
-void routed_mix_backward(const Backend& be, const MixShape& s, T scaling, const T* grad,
-                         const T* hidden, const T* router, const T* bank, const uint8_t* mask,
-                         T* dhidden, T* drouter, T* dbank) {
+void routed_mix_backward(const Backend& be, const MixShape& s, T scaling, const T* grad, const T* hidden,
+                         const T* router, const T* bank, const uint8_t* mask, T* dhidden, T* drouter, T* dbank) {
   const int64_t N = s.rows, E = s.experts, r = s.rank, L = s.group_rows;
   const int64_t router_size = s.mode == Mode::kStatic ? E : E * r;
   if (N == 0) {
@@ -356,8 +355,8 @@ void routed_mix_backward(const Backend& be, const MixShape& s, T scaling, const 
   be.parallel_for(pieces, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * piece, n1 = std::min(N, n0 + piece);
-      router_backward(hidden + n0 * r, rt.probs.data() + n0 * E, dP.get() + n0 * E, n1 - n0, r,
-                      router, E, dhidden + n0 * r, partial.data() + b * E * r);
+      router_backward(hidden + n0 * r, rt.probs.data() + n0 * E, dP.get() + n0 * E, n1 - n0, r, router, E,
+                      dhidden + n0 * r, partial.data() + b * E * r);
     }
   });
   std::copy(partial.begin(), partial.begin() + E * r, drouter);

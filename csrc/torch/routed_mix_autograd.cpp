@@ -11,12 +11,12 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-at::Tensor call_forward(const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank,
-                        double scaling, c10::string_view mode, const std::optional<at::Tensor>& mask) {
+at::Tensor call_forward(const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank, double scaling,
+                        c10::string_view mode, const std::optional<at::Tensor>& mask) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lily::routed_mix", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               double, c10::string_view, const std::optional<at::Tensor>&)>();
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                               c10::string_view, const std::optional<at::Tensor>&)>();
   return op.call(hidden, router, bank, scaling, mode, mask);
 }
 
@@ -24,12 +24,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& g
                                                              const at::Tensor& router, const at::Tensor& bank,
                                                              double scaling, c10::string_view mode,
                                                              const std::optional<at::Tensor>& mask) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lily::routed_mix_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-              c10::string_view, const std::optional<at::Tensor>&)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lily::routed_mix_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                 c10::string_view, const std::optional<at::Tensor>&)>();
   return op.call(grad, hidden, router, bank, scaling, mode, mask);
 }
 

@@ -44,13 +44,13 @@ inline std::string dtype_name(at::ScalarType t) { return "torch." + std::string(
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& hidden) {
   TORCH_CHECK_VALUE(t.scalar_type() == hidden.scalar_type(), name, ": dtype ", dtype_name(t.scalar_type()),
                     " differs from hidden's dtype ", dtype_name(hidden.scalar_type()));
-  TORCH_CHECK_VALUE(t.device() == hidden.device(), name, ": on device ", t.device(),
-                    " but hidden is on ", hidden.device());
+  TORCH_CHECK_VALUE(t.device() == hidden.device(), name, ": on device ", t.device(), " but hidden is on ",
+                    hidden.device());
 }
 
 // Validates one call and returns its sizes; `grad` is checked when given.
-inline lily::MixShape check_routed_mix_args(const at::Tensor& hidden, const at::Tensor& router,
-                                            const at::Tensor& bank, double scaling, c10::string_view mode,
+inline lily::MixShape check_routed_mix_args(const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank,
+                                            double scaling, c10::string_view mode,
                                             const std::optional<at::Tensor>& mask, const at::Tensor* grad) {
   TORCH_CHECK_VALUE(std::isfinite(scaling), "scaling: expected a finite float, got ", scaling);
   const auto dt = hidden.scalar_type();
@@ -60,23 +60,22 @@ inline lily::MixShape check_routed_mix_args(const at::Tensor& hidden, const at::
   check_same(bank, "bank", hidden);
   std::vector<int64_t> mask_dims;
   if (mask.has_value()) {
-    TORCH_CHECK_VALUE(mask->device() == hidden.device(), "mask: on device ", mask->device(),
-                      " but hidden is on ", hidden.device());
+    TORCH_CHECK_VALUE(mask->device() == hidden.device(), "mask: on device ", mask->device(), " but hidden is on ",
+                      hidden.device());
     TORCH_CHECK_VALUE(!mask->is_complex(), "mask: expected a bool, integer or float tensor, got ",
                       dtype_name(mask->scalar_type()));
     mask_dims = mask->sizes().vec();
   }
   lily::MixShape s;
-  const std::string error =
-      lily::check_shapes(std::string(mode), hidden.sizes().vec(), router.sizes().vec(),
-                         bank.sizes().vec(), mask.has_value() ? &mask_dims : nullptr, &s);
+  const std::string error = lily::check_shapes(std::string(mode), hidden.sizes().vec(), router.sizes().vec(),
+                                               bank.sizes().vec(), mask.has_value() ? &mask_dims : nullptr, &s);
   TORCH_CHECK_VALUE(error.empty(), error);
   if (grad != nullptr) {
     check_same(*grad, "grad", hidden);
     std::vector<int64_t> expected = hidden.sizes().vec();
     expected.back() = s.out;
-    TORCH_CHECK_VALUE(grad->sizes().vec() == expected, "grad: expected shape ", lily::dims_str(expected),
-                      ", got ", lily::dims_str(grad->sizes().vec()));
+    TORCH_CHECK_VALUE(grad->sizes().vec() == expected, "grad: expected shape ", lily::dims_str(expected), ", got ",
+                      lily::dims_str(grad->sizes().vec()));
   }
   return s;
 }

@@ -23,8 +23,8 @@ struct TorchCpuBackend {
   }
 
   template <typename T>
-  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-            int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) const {
+  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+            int64_t ldb, T beta, T* C, int64_t ldc) const {
     if (M == 0 || N == 0) return;
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
@@ -40,9 +40,9 @@ struct TorchCpuBackend {
   }
 
   template <typename T>
-  void gemm_batched(bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N, int64_t K, T alpha,
-                    const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b, T* C,
-                    int64_t ldc, int64_t stride_c) const {
+  void gemm_batched(bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                    int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b, T* C, int64_t ldc,
+                    int64_t stride_c) const {
     if (batch == 0 || M == 0 || N == 0) return;
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     at::Tensor c = at::from_blob(C, {batch, M, N}, {stride_c, ldc, 1}, opts);
@@ -58,8 +58,8 @@ struct TorchCpuBackend {
   }
 };
 
-at::Tensor routed_mix_cpu(const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank,
-                          double scaling, c10::string_view mode, const std::optional<at::Tensor>& mask) {
+at::Tensor routed_mix_cpu(const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank, double scaling,
+                          c10::string_view mode, const std::optional<at::Tensor>& mask) {
   const lily::MixShape s = check_routed_mix_args(hidden, router, bank, scaling, mode, mask, nullptr);
   const auto compute = compute_dtype(hidden.scalar_type());
   const at::Tensor h = hidden.to(compute).contiguous();
@@ -78,9 +78,10 @@ at::Tensor routed_mix_cpu(const at::Tensor& hidden, const at::Tensor& router, co
   return delta.to(hidden.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_mix_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank,
-    double scaling, c10::string_view mode, const std::optional<at::Tensor>& mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_mix_backward_cpu(const at::Tensor& grad, const at::Tensor& hidden,
+                                                                       const at::Tensor& router, const at::Tensor& bank,
+                                                                       double scaling, c10::string_view mode,
+                                                                       const std::optional<at::Tensor>& mask) {
   const lily::MixShape s = check_routed_mix_args(hidden, router, bank, scaling, mode, mask, &grad);
   const auto compute = compute_dtype(hidden.scalar_type());
   const at::Tensor G = grad.to(compute).contiguous();

@@ -29,8 +29,8 @@ constexpr uint32_t kThreadPoolApiVersion = 17;
 constexpr uint32_t kCudaApiVersion = 18;
 
 constexpr ONNXTensorElementDataType kTypes[] = {
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE,
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16};
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16};
 constexpr size_t kNumTypes = sizeof(kTypes) / sizeof(kTypes[0]);
 
 #ifdef LILY_ORT_WITH_CUDA
@@ -101,8 +101,8 @@ OrtStatus* create_library(const OrtApiBase* base, Library** out) {
 }  // namespace lily_ort
 
 // ORT_EXPORT is empty on Linux; the library is built with hidden visibility.
-extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
-                                                                 const OrtApiBase* api_base) {
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   using namespace lily_ort;
   if (api_base == nullptr) return nullptr;  // nothing to report through
   std::lock_guard<std::mutex> lock(g_mutex);

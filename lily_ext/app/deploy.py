@@ -55,8 +55,16 @@ def latency_ms(session, inputs: dict, repeats: int = 30) -> float:
     return statistics.median(times)
 
 
-def export_and_check(model: LilyModel, tokenizer, out_dir, example_texts, check_texts, calibration_batches,
-                     max_length: int = 64, forms=FORMS) -> list[dict]:
+def export_and_check(
+    model: LilyModel,
+    tokenizer,
+    out_dir,
+    example_texts,
+    check_texts,
+    calibration_batches,
+    max_length: int = 64,
+    forms=FORMS,
+) -> list[dict]:
     """One row per form: max |ORT - PyTorch| on ``check_texts`` (other shapes than the export
     example), median latency of one 1 x 16-token request, file size; or the reason it was skipped."""
     out_dir = Path(out_dir)
@@ -95,5 +103,7 @@ def format_table(rows) -> str:
         note = ""
         if "frozen_routing_relative_error" in row:
             note = f"router frozen on the training data (max per-layer deviation {row['frozen_routing_relative_error']:.3f})"
-        lines.append(f"| {row['form']} | {row['max_abs_diff']:.2e} | {row['latency_ms']:.2f} | {row['file_bytes'] / 2**20:.1f} | {note} |")
+        lines.append(
+            f"| {row['form']} | {row['max_abs_diff']:.2e} | {row['latency_ms']:.2f} | {row['file_bytes'] / 2**20:.1f} | {note} |"
+        )
     return "\n".join(lines)

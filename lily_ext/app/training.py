@@ -35,8 +35,11 @@ def load_base_classifier(model_dir, labels: list[str]):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, local_files_only=True, num_labels=len(labels),
-            id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+            model_dir,
+            local_files_only=True,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={l: i for i, l in enumerate(labels)},
             ignore_mismatched_sizes=True,
         )
     finally:
@@ -81,14 +84,25 @@ class TrainState:
     losses: list = field(default_factory=list)
 
 
-def save_training_checkpoint(out_dir, model: LilyModel, optimizer, state: TrainState, labels: list[str], extra: dict) -> Path:
+def save_training_checkpoint(
+    out_dir, model: LilyModel, optimizer, state: TrainState, labels: list[str], extra: dict
+) -> Path:
     """out_dir/checkpoint: the adapter, the optimizer and the step, written together atomically."""
     path = Path(out_dir) / CHECKPOINT_DIR
     with atomic_directory(path) as tmp:
         write_adapter_files(model, tmp)
         (tmp / LABELS_NAME).write_text(json.dumps(labels) + "\n")
-        torch.save({"step": state.step, "losses": state.losses, "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(), "python_rng": random.getstate(), "extra": extra}, tmp / STATE_NAME)
+        torch.save(
+            {
+                "step": state.step,
+                "losses": state.losses,
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "extra": extra,
+            },
+            tmp / STATE_NAME,
+        )
     return path
 
 
@@ -115,9 +129,24 @@ def distributed_accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
-def train(model: LilyModel, tokenizer, train_pairs, label_ids: dict, *, steps: int, batch_size: int, lr: float,
-          max_length: int, seed: int, state: TrainState | None = None, optimizer=None, on_checkpoint=None,
-          checkpoint_every: int = 0, progress: bool = True, accelerator=None) -> TrainState:
+def train(
+    model: LilyModel,
+    tokenizer,
+    train_pairs,
+    label_ids: dict,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    max_length: int,
+    seed: int,
+    state: TrainState | None = None,
+    optimizer=None,
+    on_checkpoint=None,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+    accelerator=None,
+) -> TrainState:
     """AdamW on the trainable parameters for ``steps`` steps (resuming from ``state``).
 
     With an ``accelerator`` (several processes), every process draws the same global batch of
@@ -146,7 +175,11 @@ def train(model: LilyModel, tokenizer, train_pairs, label_ids: dict, *, steps: i
                 rng.shuffle(more)
                 order += more
             chunk, order = order[: batch_size * world], order[batch_size * world :]
-            batch = next(batches(chunk[rank * batch_size : (rank + 1) * batch_size], tokenizer, label_ids, batch_size, max_length))
+            batch = next(
+                batches(
+                    chunk[rank * batch_size : (rank + 1) * batch_size], tokenizer, label_ids, batch_size, max_length
+                )
+            )
             loss = runner(**batch).loss
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"training: the loss became {loss.item()} at step {state.step}; lower --lr")

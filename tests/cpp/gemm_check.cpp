@@ -83,7 +83,7 @@ bool check_batched(std::mt19937& rng) {
 int main() {
   std::mt19937 rng(7);
   // (M, N, K): scalars, sub-micro-tile, ragged tiles, more than one K slice, exact tiles.
-  const int64_t shapes[][3] = {{1, 1, 1},     {1, 1, 300},     {5, 7, 3},        {13, 33, 17}, {12, 32, 256},
+  const int64_t shapes[][3] = {{1, 1, 1},       {1, 1, 300},    {5, 7, 3},        {13, 33, 17}, {12, 32, 256},
                                {193, 513, 257}, {200, 40, 600}, {384, 1024, 128}, {37, 1030, 9}};
   bool ok = true;
   for (const auto& s : shapes)
@@ -95,7 +95,8 @@ int main() {
           ok = ok && check<double>(ta, tb, s[0], s[1], s[2], 0.75, beta, pad, rng);
         }
   // K == 0 and alpha == 0 only scale C.
-  ok = ok && check<float>(false, false, 9, 11, 0, 1.0f, 0.5f, 0, rng) && check<float>(false, true, 9, 11, 4, 0.0f, 0.0f, 1, rng);
+  ok = ok && check<float>(false, false, 9, 11, 0, 1.0f, 0.5f, 0, rng) &&
+       check<float>(false, true, 9, 11, 4, 0.0f, 0.0f, 1, rng);
   ok = ok && check_batched<float>(rng) && check_batched<double>(rng);
   if (!ok) return 1;
   std::printf("ok %s\n", lily::cpu::gemm_kernel_name());

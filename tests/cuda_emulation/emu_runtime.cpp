@@ -18,21 +18,35 @@ namespace {
 
 double load(const void* p, cudaDataType_t t, size_t i) {
   switch (t) {
-    case CUDA_R_32F: return static_cast<const float*>(p)[i];
-    case CUDA_R_64F: return static_cast<const double*>(p)[i];
-    case CUDA_R_16F: return __half2float(static_cast<const __half*>(p)[i]);
-    case CUDA_R_16BF: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: std::abort();
+    case CUDA_R_32F:
+      return static_cast<const float*>(p)[i];
+    case CUDA_R_64F:
+      return static_cast<const double*>(p)[i];
+    case CUDA_R_16F:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    case CUDA_R_16BF:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default:
+      std::abort();
   }
 }
 
 void store(void* p, cudaDataType_t t, size_t i, double v) {
   switch (t) {
-    case CUDA_R_32F: static_cast<float*>(p)[i] = static_cast<float>(v); break;
-    case CUDA_R_64F: static_cast<double*>(p)[i] = v; break;
-    case CUDA_R_16F: static_cast<__half*>(p)[i] = __float2half_rn(static_cast<float>(v)); break;
-    case CUDA_R_16BF: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v)); break;
-    default: std::abort();
+    case CUDA_R_32F:
+      static_cast<float*>(p)[i] = static_cast<float>(v);
+      break;
+    case CUDA_R_64F:
+      static_cast<double*>(p)[i] = v;
+      break;
+    case CUDA_R_16F:
+      static_cast<__half*>(p)[i] = __float2half_rn(static_cast<float>(v));
+      break;
+    case CUDA_R_16BF:
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v));
+      break;
+    default:
+      std::abort();
   }
 }
 
@@ -76,9 +90,7 @@ cublasStatus_t gemm_one(cublasOperation_t ta, cublasOperation_t tb, int m, int n
   return CUBLAS_STATUS_SUCCESS;
 }
 
-size_t type_size(cudaDataType_t t) {
-  return t == CUDA_R_64F ? 8 : (t == CUDA_R_32F ? 4 : 2);
-}
+size_t type_size(cudaDataType_t t) { return t == CUDA_R_64F ? 8 : (t == CUDA_R_32F ? 4 : 2); }
 
 cudaStream_t g_blas_stream = nullptr;
 cublasPointerMode_t g_pointer_mode = CUBLAS_POINTER_MODE_HOST;
@@ -106,10 +118,9 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t ta, 
                                           int batch, cublasComputeType_t comp, cublasGemmAlgo_t) {
   if (batch < 0) return CUBLAS_STATUS_INVALID_VALUE;
   for (int b = 0; b < batch; ++b) {
-    const cublasStatus_t st =
-        gemm_one(ta, tb, m, n, k, alpha, static_cast<const char*>(A) + b * sa * type_size(at), at, lda,
-                 static_cast<const char*>(B) + b * sb * type_size(bt), bt, ldb, beta,
-                 static_cast<char*>(C) + b * sc * type_size(ct), ct, ldc, comp);
+    const cublasStatus_t st = gemm_one(ta, tb, m, n, k, alpha, static_cast<const char*>(A) + b * sa * type_size(at), at,
+                                       lda, static_cast<const char*>(B) + b * sb * type_size(bt), bt, ldb, beta,
+                                       static_cast<char*>(C) + b * sc * type_size(ct), ct, ldc, comp);
     if (st != CUBLAS_STATUS_SUCCESS) return st;
   }
   return CUBLAS_STATUS_SUCCESS;
@@ -150,9 +161,12 @@ cudaError_t cudaGetDevice(int* d) {
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   const char* env = std::getenv("EMU_CC");
   const int cc = env ? std::atoi(env) : 90;
-  if (attr == cudaDevAttrComputeCapabilityMajor) *value = cc / 10;
-  else if (attr == cudaDevAttrComputeCapabilityMinor) *value = cc % 10;
-  else *value = 0;
+  if (attr == cudaDevAttrComputeCapabilityMajor)
+    *value = cc / 10;
+  else if (attr == cudaDevAttrComputeCapabilityMinor)
+    *value = cc % 10;
+  else
+    *value = 0;
   return cudaSuccess;
 }
 

@@ -38,27 +38,37 @@ struct SerialBackend {
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) {
         double s = 0;
-        for (int64_t k = 0; k < K; ++k) s += (ta ? A[k * lda + i] : A[i * lda + k]) * (tb ? B[j * ldb + k] : B[k * ldb + j]);
+        for (int64_t k = 0; k < K; ++k)
+          s += (ta ? A[k * lda + i] : A[i * lda + k]) * (tb ? B[j * ldb + k] : B[k * ldb + j]);
         C[i * ldc + j] = beta == 0 ? alpha * s : alpha * s + beta * C[i * ldc + j];
       }
   }
   void gemm_batched(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
                     int64_t lda, int64_t sa, const double* B, int64_t ldb, int64_t sb, double* C, int64_t ldc,
                     int64_t sc) const {
-    for (int64_t b = 0; b < batch; ++b) gemm(ta, tb, M, N, K, alpha, A + b * sa, lda, B + b * sb, ldb, 0.0, C + b * sc, ldc);
+    for (int64_t b = 0; b < batch; ++b)
+      gemm(ta, tb, M, N, K, alpha, A + b * sa, lda, B + b * sb, ldb, 0.0, C + b * sc, ldc);
   }
 };
 
 template <typename T>
 T from_double(double v);
 template <>
-float from_double<float>(double v) { return static_cast<float>(v); }
+float from_double<float>(double v) {
+  return static_cast<float>(v);
+}
 template <>
-double from_double<double>(double v) { return v; }
+double from_double<double>(double v) {
+  return v;
+}
 template <>
-__half from_double<__half>(double v) { return __float2half_rn(static_cast<float>(v)); }
+__half from_double<__half>(double v) {
+  return __float2half_rn(static_cast<float>(v));
+}
 template <>
-__nv_bfloat16 from_double<__nv_bfloat16>(double v) { return __float2bfloat16_rn(static_cast<float>(v)); }
+__nv_bfloat16 from_double<__nv_bfloat16>(double v) {
+  return __float2bfloat16_rn(static_cast<float>(v));
+}
 
 double to_double(float v) { return v; }
 double to_double(double v) { return v; }
@@ -68,21 +78,33 @@ double to_double(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename T>
 constexpr DType dtype_of();
 template <>
-constexpr DType dtype_of<float>() { return DType::kFloat32; }
+constexpr DType dtype_of<float>() {
+  return DType::kFloat32;
+}
 template <>
-constexpr DType dtype_of<double>() { return DType::kFloat64; }
+constexpr DType dtype_of<double>() {
+  return DType::kFloat64;
+}
 template <>
-constexpr DType dtype_of<__half>() { return DType::kFloat16; }
+constexpr DType dtype_of<__half>() {
+  return DType::kFloat16;
+}
 template <>
-constexpr DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
+constexpr DType dtype_of<__nv_bfloat16>() {
+  return DType::kBFloat16;
+}
 
 template <typename T>
 const char* dtype_name() {
   switch (dtype_of<T>()) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat64: return "float64";
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
+    case DType::kFloat32:
+      return "float32";
+    case DType::kFloat64:
+      return "float64";
+    case DType::kFloat16:
+      return "float16";
+    case DType::kBFloat16:
+      return "bfloat16";
   }
   return "?";
 }
@@ -95,9 +117,7 @@ constexpr unsigned char kGuardByte = 0xA5;
 struct Buffer {
   std::vector<unsigned char> bytes;
   size_t size = 0;
-  explicit Buffer(size_t n) : bytes(n + kGuard, kPoison), size(n) {
-    std::memset(bytes.data() + n, kGuardByte, kGuard);
-  }
+  explicit Buffer(size_t n) : bytes(n + kGuard, kPoison), size(n) { std::memset(bytes.data() + n, kGuardByte, kGuard); }
   void* data() { return size ? bytes.data() : nullptr; }
   bool guard_ok() const {
     for (size_t i = size; i < size + kGuard; ++i)
@@ -144,7 +164,7 @@ struct Case {
   std::vector<int64_t> lead;
   int64_t E, r, out;
   const char* mode;
-  int mask;  // sequence: 0 none, 1 random with a fully masked sample
+  int mask;         // sequence: 0 none, 1 random with a fully masked sample
   const char* env;  // "KEY=VALUE;KEY=VALUE" for this case
 };
 
@@ -157,8 +177,10 @@ void set_env(const char* spec, bool on) {
     const std::string kv = s.substr(pos, end - pos);
     const size_t eq = kv.find('=');
     if (eq != std::string::npos) {
-      if (on) setenv(kv.substr(0, eq).c_str(), kv.substr(eq + 1).c_str(), 1);
-      else unsetenv(kv.substr(0, eq).c_str());
+      if (on)
+        setenv(kv.substr(0, eq).c_str(), kv.substr(eq + 1).c_str(), 1);
+      else
+        unsetenv(kv.substr(0, eq).c_str());
     }
     pos = end + 1;
   }
@@ -182,7 +204,8 @@ bool run_case(const Case& c, double tol) {
   const std::vector<int64_t> bank_dims{c.E, c.r, c.out};
   MixShape s;
   std::vector<int64_t> mask_dims = c.lead;
-  const std::string err = lily::check_shapes(c.mode, hidden_dims, router_dims, bank_dims, c.mask ? &mask_dims : nullptr, &s);
+  const std::string err =
+      lily::check_shapes(c.mode, hidden_dims, router_dims, bank_dims, c.mask ? &mask_dims : nullptr, &s);
   if (!err.empty()) {
     std::printf("FAIL %-9s %s: bad case: %s\n", dtype_name<T>(), describe(c).c_str(), err.c_str());
     return false;
@@ -212,8 +235,8 @@ bool run_case(const Case& c, double tol) {
   // CPU float64 reference on the same (rounded) inputs
   std::vector<double> ref_delta(static_cast<size_t>(N * out)), ref_dh(static_cast<size_t>(N * r)),
       ref_dR(router.size()), ref_dB(bank.size());
-  lily::cpu::routed_mix_forward<double>(SerialBackend{}, s, scaling, hidden.data(), router.data(), bank.data(), mask_ptr,
-                                        ref_delta.data());
+  lily::cpu::routed_mix_forward<double>(SerialBackend{}, s, scaling, hidden.data(), router.data(), bank.data(),
+                                        mask_ptr, ref_delta.data());
   lily::cpu::routed_mix_backward<double>(SerialBackend{}, s, scaling, grad.data(), hidden.data(), router.data(),
                                          bank.data(), mask_ptr, ref_dh.data(), ref_dR.data(), ref_dB.data());
 
@@ -224,10 +247,9 @@ bool run_case(const Case& c, double tol) {
   Buffer delta(static_cast<size_t>(N * out) * sizeof(T));
   Buffer ws_f(lily::cuda::forward_workspace_bytes(s, dtype_of<T>()));
   const int64_t launches0 = emu_launch_count(), gemms0 = emu_gemm_count();
-  std::string error = lily::cuda::routed_mix_forward(s, dtype_of<T>(), scaling, h.data(), R.data(), B.data(),
-                                                     c.mask ? static_cast<const uint8_t*>(M.data()) : nullptr,
-                                                     delta.data(), ws_f.data(), ws_f.size, nullptr,
-                                                     reinterpret_cast<cublasHandle_t>(0x1));
+  std::string error = lily::cuda::routed_mix_forward(
+      s, dtype_of<T>(), scaling, h.data(), R.data(), B.data(), c.mask ? static_cast<const uint8_t*>(M.data()) : nullptr,
+      delta.data(), ws_f.data(), ws_f.size, nullptr, reinterpret_cast<cublasHandle_t>(0x1));
   const int64_t fwd_launches = emu_launch_count() - launches0, fwd_gemms = emu_gemm_count() - gemms0;
   // callers that own their cuBLAS handle bind a workspace exactly when the forward uses cuBLAS
   const bool blas_ws_ok = (lily::cuda::forward_blas_workspace_bytes(s, dtype_of<T>()) > 0) == (fwd_gemms > 0);
@@ -253,8 +275,8 @@ bool run_case(const Case& c, double tol) {
                       ws_b.guard_ok() && h.guard_ok() && R.guard_ok() && B.guard_ok() && G.guard_ok();
   const bool ok = e_fwd <= tol && e_dh <= 4 * tol && e_dR <= 4 * tol && e_dB <= 4 * tol && guards && blas_ws_ok;
   std::printf("%s %-9s %-60s fwd %.1e dh %.1e dR %.1e dB %.1e | ws %zu/%zu B | launches %lld+%lld gemms %lld+%lld%s\n",
-              ok ? "ok  " : "FAIL", dtype_name<T>(), describe(c).c_str(), e_fwd, e_dh, e_dR, e_dB, ws_f.size,
-              ws_b.size, (long long)fwd_launches, (long long)bwd_launches, (long long)fwd_gemms, (long long)bwd_gemms,
+              ok ? "ok  " : "FAIL", dtype_name<T>(), describe(c).c_str(), e_fwd, e_dh, e_dR, e_dB, ws_f.size, ws_b.size,
+              (long long)fwd_launches, (long long)bwd_launches, (long long)fwd_gemms, (long long)bwd_gemms,
               guards ? "" : " GUARD BYTES OVERWRITTEN");
   if (!blas_ws_ok) std::printf("     forward_blas_workspace_bytes disagrees with the cuBLAS calls made\n");
   return ok;
@@ -290,8 +312,8 @@ int run_mask_cases() {
   failures += !run_mask_case<uint32_t>("int32", {0, 1, 0xffffffffu, 0, 0x80000000u, 2}, false, want);
   failures += !run_mask_case<unsigned long long>("int64", {0, 1, ~0ull, 0, 1ull << 63, 1ull << 40}, false, want);
   const float nan = std::nanf("");
-  failures += !run_mask_case<uint32_t>("float32", bits_of<float, uint32_t>({0.f, 1.f, nan, -0.f, -2.f, 1e-45f}),
-                                       true, want);
+  failures +=
+      !run_mask_case<uint32_t>("float32", bits_of<float, uint32_t>({0.f, 1.f, nan, -0.f, -2.f, 1e-45f}), true, want);
   failures += !run_mask_case<unsigned long long>(
       "float64", bits_of<double, unsigned long long>({0.0, 1.0, double(nan), -0.0, -2.0, 5e-324}), true, want);
   // float16 / bfloat16 bit patterns: 0, 1.0, NaN, -0.0, -2.0, smallest subnormal
@@ -307,10 +329,9 @@ int run_mask_cases() {
   failures += !run_mask_case<uint32_t>("int32", big, false, big_want);
   Buffer one(1);
   failures += !run_mask_case<uint8_t>("empty", {}, false, {});
-  const bool rejects = !lily::cuda::mask_to_bytes(one.data(), 1, 3, false, static_cast<uint8_t*>(one.data()), nullptr)
-                            .empty() &&
-                       !lily::cuda::mask_to_bytes(one.data(), 1, 1, true, static_cast<uint8_t*>(one.data()), nullptr)
-                            .empty();
+  const bool rejects =
+      !lily::cuda::mask_to_bytes(one.data(), 1, 3, false, static_cast<uint8_t*>(one.data()), nullptr).empty() &&
+      !lily::cuda::mask_to_bytes(one.data(), 1, 1, true, static_cast<uint8_t*>(one.data()), nullptr).empty();
   std::printf("%s mask_to_bytes rejects 3-byte and 1-byte float elements\n", rejects ? "ok  " : "FAIL");
   return failures + !rejects;
 }
@@ -334,8 +355,8 @@ int main(int argc, char** argv) {
     cases.push_back({{64}, 3, 4, 40, m, 0, nullptr});
     cases.push_back({{130}, 3, 12, 70, m, 0, nullptr});
     cases.push_back({{2, 70}, 2, 9, 150, m, 0, nullptr});
-    cases.push_back({{150}, 2, 16, 136, m, 0, nullptr});   // r, out multiples of 8: vector tiles
-    cases.push_back({{3, 50}, 3, 40, 20, m, 0, nullptr});  // K = 120: several, partial k tiles
+    cases.push_back({{150}, 2, 16, 136, m, 0, nullptr});    // r, out multiples of 8: vector tiles
+    cases.push_back({{3, 50}, 3, 40, 20, m, 0, nullptr});   // K = 120: several, partial k tiles
     cases.push_back({{2, 60}, 2, 40, 130, m, 0, nullptr});  // bank plane over several grouped-backward blocks
     cases.push_back({{50}, 40, 8, 8, m, 0, nullptr});       // E > 32: lane-strided expert loops (small path)
     cases.push_back({{100}, 40, 8, 8, m, 0, nullptr});      // E > 32 on the routing kernels

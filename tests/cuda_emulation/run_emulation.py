@@ -34,7 +34,10 @@ def cuda_include_dirs():
     """(toolkit include dir, dirs with cublas_v2.h) or None when not available."""
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     homes += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    toolkit = next((os.path.join(h, "include") for h in homes if h and os.path.exists(os.path.join(h, "include", "cuda_fp16.h"))), None)
+    toolkit = next(
+        (os.path.join(h, "include") for h in homes if h and os.path.exists(os.path.join(h, "include", "cuda_fp16.h"))),
+        None,
+    )
     if toolkit is None:
         return None
     if os.path.exists(os.path.join(toolkit, "cublas_v2.h")):
@@ -64,11 +67,24 @@ def build(jobs):
     toolkit, extra = found
     cxx = os.environ.get("CXX", "g++")
     os.makedirs(BUILD, exist_ok=True)
-    common = ["-std=c++20", os.environ.get("EMU_OPT", "-O1"), "-g", "-pthread", "-w", "-DLILY_NO_MULTIVERSION",
-              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-              "-I", os.path.join(HERE, "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
-              "-isystem", toolkit] + [a for d in extra for a in ("-isystem", d)]
+    common = [
+        "-std=c++20",
+        os.environ.get("EMU_OPT", "-O1"),
+        "-g",
+        "-pthread",
+        "-w",
+        "-DLILY_NO_MULTIVERSION",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        "-I",
+        os.path.join(HERE, "include"),
+        "-I",
+        os.path.join(ROOT, "csrc", "cuda"),
+        "-isystem",
+        toolkit,
+    ] + [a for d in extra for a in ("-isystem", d)]
     emu = ["-include", os.path.join(HERE, "include", "emu.h")]
     units = []
     for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):

@@ -38,7 +38,10 @@ class TinyNet(nn.Module):
 
 def lily_net(routing="static", **config):
     """TinyNet with Lily on q_proj / v_proj (6 layers), every trainable tensor nudged off its init."""
-    model = get_lily_model(TinyNet(), LilyConfig(r=4, num_B=3, target_modules=["q_proj", "v_proj"], routing=routing, init_weights=False, **config))
+    model = get_lily_model(
+        TinyNet(),
+        LilyConfig(r=4, num_B=3, target_modules=["q_proj", "v_proj"], routing=routing, init_weights=False, **config),
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -48,7 +51,9 @@ def lily_net(routing="static", **config):
 
 def bert_model(routing):
     """tiny_bert with Lily on query / value (6 layers) and random B banks, in eval mode."""
-    model = get_lily_model(tiny_bert(), LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing=routing, init_weights=False))
+    model = get_lily_model(
+        tiny_bert(), LilyConfig(r=4, num_B=3, target_modules=["query", "value"], routing=routing, init_weights=False)
+    )
     with torch.no_grad():
         for _, layer in model.lily_layers():
             layer.lily_B["default"].weight.normal_(std=0.2)
@@ -61,4 +66,7 @@ def example_and_other_inputs():
     other = token_batch(3, 11, seed=4)
     other_mask = torch.ones_like(other)
     other_mask[0, 8:] = 0
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"input_ids": other, "attention_mask": other_mask}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {
+        "input_ids": other,
+        "attention_mask": other_mask,
+    }

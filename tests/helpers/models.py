@@ -7,8 +7,13 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 def tiny_llama(layers=4, hidden=64, seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=97, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=97,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -16,9 +21,15 @@ def tiny_llama(layers=4, hidden=64, seed=0):
 def tiny_bert(layers=3, hidden=48, labels=3, seed=0):
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=97, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_labels=labels, max_position_embeddings=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=97,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_labels=labels,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(config).eval()
 

@@ -17,13 +17,21 @@ ort = pytest.importorskip("onnxruntime")  # not a hard dependency of lily_ext: t
 # IR 10 / opset 17: what every ONNX Runtime since 1.16 reads (newer onnx stamps newer versions).
 IR_VERSION = 10
 OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("lily", 1)]
-ONNX_TYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-             np.dtype(np.float64): TensorProto.DOUBLE, np.dtype(np.int64): TensorProto.INT64,
-             np.dtype(np.int32): TensorProto.INT32, np.dtype(np.bool_): TensorProto.BOOL,
-             np.dtype(object): TensorProto.STRING}
+ONNX_TYPE = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.float64): TensorProto.DOUBLE,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.bool_): TensorProto.BOOL,
+    np.dtype(object): TensorProto.STRING,
+}
 TORCH_OF = {np.float32: torch.float32, np.float16: torch.float16, np.float64: torch.float64}
-ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-              ort.capi.onnxruntime_pybind11_state.RuntimeException)
+ORT_ERRORS = (
+    ort.capi.onnxruntime_pybind11_state.Fail,
+    ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+    ort.capi.onnxruntime_pybind11_state.RuntimeException,
+)
 
 
 def value_info(name, array):
@@ -35,7 +43,9 @@ def make_model(feeds, out_rank=None, out_type=None, check=True, **attrs):
     names = list(feeds)
     hidden = feeds["hidden"]
     out_rank = hidden.ndim if out_rank is None else out_rank
-    out = helper.make_tensor_value_info("delta", out_type or ONNX_TYPE[hidden.dtype], [f"o{i}" for i in range(out_rank)])
+    out = helper.make_tensor_value_info(
+        "delta", out_type or ONNX_TYPE[hidden.dtype], [f"o{i}" for i in range(out_rank)]
+    )
     node = helper.make_node("RoutedMix", names, ["delta"], domain="lily", **attrs)
     graph = helper.make_graph([node], "routed_mix", [value_info(n, feeds[n]) for n in names if n], [out])
     model = helper.make_model(graph, opset_imports=OPSETS, ir_version=IR_VERSION)
@@ -53,8 +63,11 @@ def run_cpu(feeds, session_options=None, **attrs):
 
 def numpy_inputs(lead, E, r, out, mode, dtype, seed=0):
     hidden, router, bank = make_inputs(lead, E, r, out, mode, torch.float64, seed=seed)
-    return {"hidden": hidden.numpy().astype(dtype), "router": router.numpy().astype(dtype),
-            "bank": bank.numpy().astype(dtype)}
+    return {
+        "hidden": hidden.numpy().astype(dtype),
+        "router": router.numpy().astype(dtype),
+        "bank": bank.numpy().astype(dtype),
+    }
 
 
 def expected(feeds, scaling, mode, mask=None):
@@ -95,5 +108,9 @@ def bad_run_cases():
         "mask shape": (dict(seq, mask=np.ones((2, 4), np.int64)), {"mode": "sequence"}, "mask: expected shape"),
         "mask rank": (dict(seq, mask=np.ones((6,), np.int64)), {"mode": "sequence"}, "mask: expected shape"),
         "mask mode": (dict(good, mask=np.ones((2, 3), np.int64)), {}, "mask: only mode 'sequence'"),
-        "mask type": (dict(seq, mask=np.full((2, 3), "x", dtype=object)), {"mode": "sequence"}, "mask: expected a bool"),
+        "mask type": (
+            dict(seq, mask=np.full((2, 3), "x", dtype=object)),
+            {"mode": "sequence"},
+            "mask: expected a bool",
+        ),
     }

