@@ -132,8 +132,22 @@ def requirement_version(name, default):
 
 def pip_download(spec, dest):
     """Downloads the CPython 3.12 manylinux x86_64 wheel of `spec` (no dependencies) into dest."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-           "--implementation", "cp", "--progress-bar", "off", "-d", dest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        "--progress-bar",
+        "off",
+        "-d",
+        dest,
+    ]
     for plat in PLATFORMS:
         cmd += ["--platform", plat]
     print("$ " + " ".join(cmd + [spec]), flush=True)
@@ -163,7 +177,9 @@ def split_file(path, parts_dir, max_part):
                     out.write(block)
                     h.update(block)
                     left -= len(block)
-            records.append({"name": part, "size": os.path.getsize(os.path.join(parts_dir, part)), "sha256": h.hexdigest()})
+            records.append(
+                {"name": part, "size": os.path.getsize(os.path.join(parts_dir, part)), "sha256": h.hexdigest()}
+            )
     return records
 
 
@@ -171,8 +187,11 @@ def prepare_main(args):
     directory = os.path.abspath(args.dir)
     parts_dir = os.path.abspath(args.parts_dir or os.path.join(os.path.dirname(directory), ".gpu_parts"))
     os.makedirs(directory, exist_ok=True)
-    manifest = {"created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "by": "scripts/gpu_check.sh --prepare", "python_here": platform.python_version()}
+    manifest = {
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "by": "scripts/gpu_check.sh --prepare",
+        "python_here": platform.python_version(),
+    }
 
     include, source = find_headers()
     target = os.path.join(directory, INCLUDE)
@@ -182,9 +201,15 @@ def prepare_main(args):
     if os.path.isfile(licence):  # the headers' licence travels with them
         shutil.copy(licence, os.path.join(directory, "onnxruntime-include.copyright"))
     files, size, digest = tree_digest(target)
-    manifest["onnxruntime_headers"] = {"dir": INCLUDE, "from": include, "source": source.removeprefix("source: "),
-                                      "api_version": api_version(target), "files": files, "bytes": size,
-                                      "sha256": digest}
+    manifest["onnxruntime_headers"] = {
+        "dir": INCLUDE,
+        "from": include,
+        "source": source.removeprefix("source: "),
+        "api_version": api_version(target),
+        "files": files,
+        "bytes": size,
+        "sha256": digest,
+    }
     print(f"prepare: ONNX Runtime headers (C API {api_version(target)}) from {include} -> {target}")
 
     wheels_dir = os.path.join(directory, "wheels")
@@ -194,8 +219,14 @@ def prepare_main(args):
         os.makedirs(wheels_dir)
         for spec in args.wheel:
             wheel = pip_download(spec, wheels_dir)
-            manifest["wheels"].append({"spec": spec, "file": os.path.basename(wheel), "bytes": os.path.getsize(wheel),
-                                       "sha256": sha256_file(wheel)})
+            manifest["wheels"].append(
+                {
+                    "spec": spec,
+                    "file": os.path.basename(wheel),
+                    "bytes": os.path.getsize(wheel),
+                    "sha256": sha256_file(wheel),
+                }
+            )
             print(f"prepare: wheel {os.path.basename(wheel)} -> {wheels_dir}")
 
     old = read_manifest(directory).get("ort_gpu")
@@ -207,12 +238,18 @@ def prepare_main(args):
         with tempfile.TemporaryDirectory() as tmp:
             wheel = pip_download(f"onnxruntime-gpu=={version}", tmp)
             parts = split_file(wheel, parts_dir, args.part_mib * MiB)
-            manifest["ort_gpu"] = {"version": version, "wheel": os.path.basename(wheel),
-                                   "bytes": os.path.getsize(wheel), "sha256": sha256_file(wheel),
-                                   "parts_dir": os.path.relpath(parts_dir, ROOT) if parts_dir.startswith(ROOT)
-                                   else parts_dir, "parts": parts}
-        print(f"prepare: {manifest['ort_gpu']['wheel']} ({manifest['ort_gpu']['bytes'] / MiB:.1f} MiB) split into "
-              f"{len(parts)} parts of <= {args.part_mib} MiB in {parts_dir}")
+            manifest["ort_gpu"] = {
+                "version": version,
+                "wheel": os.path.basename(wheel),
+                "bytes": os.path.getsize(wheel),
+                "sha256": sha256_file(wheel),
+                "parts_dir": os.path.relpath(parts_dir, ROOT) if parts_dir.startswith(ROOT) else parts_dir,
+                "parts": parts,
+            }
+        print(
+            f"prepare: {manifest['ort_gpu']['wheel']} ({manifest['ort_gpu']['bytes'] / MiB:.1f} MiB) split into "
+            f"{len(parts)} parts of <= {args.part_mib} MiB in {parts_dir}"
+        )
     elif old:
         manifest["ort_gpu"] = old  # a --prepare without the option keeps the parts made earlier
     with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
@@ -237,8 +274,10 @@ def print_protocol(directory, manifest):
     print(f"With onnxruntime-gpu ({len(parts)} parts; the machine must stay warm between the calls):")
     for i, part in enumerate(parts[:-1], 1):
         print(f'  call {i}: carry ["{pdir}/{part["name"]}"], command: ls -l {pdir}')
-    print(f'  call {len(parts)}: carry ["{rel}", "{pdir}/{parts[-1]["name"]}"], '
-          f"command: bash scripts/gpu_check.sh --dir {rel}")
+    print(
+        f'  call {len(parts)}: carry ["{rel}", "{pdir}/{parts[-1]["name"]}"], '
+        f"command: bash scripts/gpu_check.sh --dir {rel}"
+    )
 
 
 # ---- env ----------------------------------------------------------------------------------------
@@ -257,8 +296,9 @@ def version_of(*distributions):
 def load_build_module(name):
     """lily_ext/_build/<name>.py by path (standard library only; lily_ext itself may not be built)."""
     directory = os.path.join(ROOT, "lily_ext", "_build")
-    spec = importlib.util.spec_from_file_location("_gpu_check_build", os.path.join(directory, "__init__.py"),
-                                                  submodule_search_locations=[directory])
+    spec = importlib.util.spec_from_file_location(
+        "_gpu_check_build", os.path.join(directory, "__init__.py"), submodule_search_locations=[directory]
+    )
     package = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = package
     spec.loader.exec_module(package)
@@ -280,8 +320,10 @@ def env_main(args):
     def fail(message):
         (notes if dry else failures).append(message)
 
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}  host: {platform.node()}  "
-          f"cpus: {os.cpu_count()}  mode: {'dry run' if dry else 'GPU run'}")
+    print(
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}  host: {platform.node()}  "
+        f"cpus: {os.cpu_count()}  mode: {'dry run' if dry else 'GPU run'}"
+    )
     print(f"python {platform.python_version()} ({sys.executable})")
     code, out = run_text(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
     print(f"nvidia-smi: {out.splitlines()[0] if code == 0 and out else 'not available'}")
@@ -295,15 +337,21 @@ def env_main(args):
     if torch is not None:
         torch_cuda = torch.version.cuda
         available = torch.cuda.is_available()
-        print(f"torch {torch.__version__} | torch CUDA {torch_cuda} | cuda available {available}"
-              + (f" | {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
-                 if available else ""))
+        print(
+            f"torch {torch.__version__} | torch CUDA {torch_cuda} | cuda available {available}"
+            + (
+                f" | {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
+                if available
+                else ""
+            )
+        )
         if torch_cuda is None:
             fail(f"torch {torch.__version__} is not a CUDA build")
         if not available:
             fail("no CUDA device: torch.cuda.is_available() is False")
         try:
             from torch.utils.cpp_extension import is_ninja_available
+
             print(f"ninja: {'available' if is_ninja_available() else 'missing: serial build (slower)'}")
         except Exception as exc:  # noqa: BLE001
             print(f"ninja: unknown ({exc})")
@@ -315,17 +363,25 @@ def env_main(args):
     if cuda_home is None or nvcc in (None, "unknown"):
         fail("no CUDA toolkit with a working nvcc (set CUDA_HOME or put nvcc on PATH)")
     elif torch_cuda is not None and nvcc.split(".")[0] != torch_cuda.split(".")[0]:
-        failures.append(f"CUDA major mismatch: nvcc {nvcc} ({cuda_home}) vs torch's CUDA {torch_cuda}: "
-                        "the extension would build against one runtime and load with the other")
+        failures.append(
+            f"CUDA major mismatch: nvcc {nvcc} ({cuda_home}) vs torch's CUDA {torch_cuda}: "
+            "the extension would build against one runtime and load with the other"
+        )
     sanitizer = shutil.which("compute-sanitizer") or next(
-        (p for p in (os.path.join(cuda_home or "/nonexistent", "bin", "compute-sanitizer"),
-                     os.path.join(cuda_home or "/nonexistent", "compute-sanitizer", "compute-sanitizer"))
-         if os.path.isfile(p)), None)
+        (
+            p
+            for p in (
+                os.path.join(cuda_home or "/nonexistent", "bin", "compute-sanitizer"),
+                os.path.join(cuda_home or "/nonexistent", "compute-sanitizer", "compute-sanitizer"),
+            )
+            if os.path.isfile(p)
+        ),
+        None,
+    )
     print(f"compute-sanitizer: {sanitizer or 'not found (the sanitizer stages will say so)'}")
     print(f"cmake: {shutil.which('cmake') or 'not found (the ONNX Runtime library cannot be built)'}")
 
-    for names in (("pytest",), ("onnxruntime-gpu", "onnxruntime"), ("onnx",), ("transformers",), ("peft",),
-                  ("numpy",)):
+    for names in (("pytest",), ("onnxruntime-gpu", "onnxruntime"), ("onnx",), ("transformers",), ("peft",), ("numpy",)):
         dist, version = version_of(*names)
         print(f"{names[-1]}: {dist + ' ' + version if version else 'MISSING'}")
         if names == ("pytest",) and version is None:
@@ -333,32 +389,40 @@ def env_main(args):
     try:
         import onnxruntime
 
-        print(f"onnxruntime providers: {', '.join(onnxruntime.get_available_providers())} "
-              f"({os.path.dirname(onnxruntime.__file__)})")
+        print(
+            f"onnxruntime providers: {', '.join(onnxruntime.get_available_providers())} "
+            f"({os.path.dirname(onnxruntime.__file__)})"
+        )
     except Exception as exc:  # noqa: BLE001 - reported, the ORT stages say what it means
         print(f"onnxruntime providers: onnxruntime does not import ({type(exc).__name__}: {exc})")
     include = os.environ.get("ONNXRUNTIME_INCLUDE_DIR", "")
     if include:
         ok = os.path.isfile(os.path.join(include, HEADER))
-        print(f"ONNX Runtime headers: ONNXRUNTIME_INCLUDE_DIR={include} "
-              f"({'C API ' + str(api_version(include)) if ok else 'holds no ' + HEADER})")
+        print(
+            f"ONNX Runtime headers: ONNXRUNTIME_INCLUDE_DIR={include} "
+            f"({'C API ' + str(api_version(include)) if ok else 'holds no ' + HEADER})"
+        )
         if not ok:
             fail(f"ONNXRUNTIME_INCLUDE_DIR={include} holds no {HEADER}")
     else:
         found = load_build_module("ort_library").find_headers(fetch=False)
         print(f"ONNX Runtime headers: {found.source or found.reason}")
         if not found.include_dir:
-            fail(f"no ONNX Runtime headers: run `bash scripts/gpu_check.sh --prepare {args.dir}` on a machine with "
-                 f"a network and carry {args.dir}")
+            fail(
+                f"no ONNX Runtime headers: run `bash scripts/gpu_check.sh --prepare {args.dir}` on a machine with "
+                f"a network and carry {args.dir}"
+            )
         elif not dry:
             # the build would find them, but not from the prepared folder: say so, it is not an error
             print(f"  (not from {args.dir}: ONNXRUNTIME_INCLUDE_DIR unset)")
     manifest = read_manifest(args.dir)
     if manifest:
         ort = manifest.get("ort_gpu")
-        print(f"prepared folder {args.dir}: made {manifest.get('created')}, wheels: "
-              f"{', '.join(w['file'] for w in manifest.get('wheels', [])) or 'none'}, onnxruntime-gpu parts: "
-              f"{len(ort['parts']) if ort else 'none'}")
+        print(
+            f"prepared folder {args.dir}: made {manifest.get('created')}, wheels: "
+            f"{', '.join(w['file'] for w in manifest.get('wheels', [])) or 'none'}, onnxruntime-gpu parts: "
+            f"{len(ort['parts']) if ort else 'none'}"
+        )
     else:
         print(f"prepared folder {args.dir}: {'no manifest' if os.path.isdir(args.dir) else 'absent'}")
     for key in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "LILY_EXT_ORT_FETCH", "CUDA_HOME"):
@@ -375,8 +439,21 @@ def env_main(args):
 
 def pip_install(wheel, target):
     os.makedirs(target, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile", "--no-cache-dir",
-           "--disable-pip-version-check", "--upgrade", "--target", target, wheel]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-index",
+        "--no-compile",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--upgrade",
+        "--target",
+        target,
+        wheel,
+    ]
     print("$ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode
 
@@ -397,8 +474,10 @@ def ort_gpu_main(args):
     ort = read_manifest(args.dir).get("ort_gpu")
     if not ort:
         where = os.path.relpath(args.dir, ROOT) if os.path.abspath(args.dir).startswith(ROOT + os.sep) else args.dir
-        print(f"skipped: no onnxruntime-gpu parts prepared (bash scripts/gpu_check.sh --prepare {where} "
-              "--with-ort-gpu, then the calls it prints)")
+        print(
+            f"skipped: no onnxruntime-gpu parts prepared (bash scripts/gpu_check.sh --prepare {where} "
+            "--with-ort-gpu, then the calls it prints)"
+        )
         return SKIP
     marker = os.path.join(args.target, ".lily_gpu_check_installed")
     if not args.verify_only and os.path.isfile(marker):
@@ -407,18 +486,25 @@ def ort_gpu_main(args):
                 print(f"{ort['wheel']} already installed in {args.target}")
                 return 0
     paths = [os.path.join(args.parts_dir, p["name"]) for p in ort["parts"]]
-    missing = [os.path.basename(p) for p, rec in zip(paths, ort["parts"])
-               if not os.path.isfile(p) or os.path.getsize(p) != rec["size"]]
+    missing = [
+        os.path.basename(p)
+        for p, rec in zip(paths, ort["parts"])
+        if not os.path.isfile(p) or os.path.getsize(p) != rec["size"]
+    ]
     if missing:
         print(f"{len(paths) - len(missing)} of {len(paths)} parts in {args.parts_dir}; missing: {', '.join(missing)}")
-        print(f"skipped: onnxruntime-gpu {ort['version']}: {len(missing)} of {len(paths)} parts not here yet "
-              "(each earlier call carries one part; see scripts/gpu_check.sh --help)")
+        print(
+            f"skipped: onnxruntime-gpu {ort['version']}: {len(missing)} of {len(paths)} parts not here yet "
+            "(each earlier call carries one part; see scripts/gpu_check.sh --help)"
+        )
         return SKIP
     digest = sha256_files(paths)
     if digest != ort["sha256"]:
         bad = [rec["name"] for p, rec in zip(paths, ort["parts"]) if sha256_file(p) != rec["sha256"]]
-        print(f"FAIL: the reassembled {ort['wheel']} has sha256 {digest}, expected {ort['sha256']}; "
-              f"parts that differ: {', '.join(bad) or 'none (order?)'}")
+        print(
+            f"FAIL: the reassembled {ort['wheel']} has sha256 {digest}, expected {ort['sha256']}; "
+            f"parts that differ: {', '.join(bad) or 'none (order?)'}"
+        )
         return 1
     print(f"{len(paths)} parts present, sha256 of {ort['wheel']} ok")
     if args.verify_only:
@@ -461,8 +547,9 @@ def main(argv=None):
     o.add_argument("--target", required=True)
     o.add_argument("--verify-only", action="store_true")
     args = parser.parse_args(argv)
-    return {"prepare": prepare_main, "env": env_main, "install-wheels": install_wheels_main,
-            "ort-gpu": ort_gpu_main}[args.command](args)
+    return {"prepare": prepare_main, "env": env_main, "install-wheels": install_wheels_main, "ort-gpu": ort_gpu_main}[
+        args.command
+    ](args)
 
 
 if __name__ == "__main__":

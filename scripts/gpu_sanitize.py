@@ -58,13 +58,40 @@ CASES = [
     ("batched cuBLAS, grouped backward, masks", (3, 70), 2, 9, 300, ("sequence",), ALL_DTYPES, "sequence", {}),
     ("batch over 3x70", (3, 70), 2, 9, 300, ("batch",), ("float32",), None, {}),
     # a tiny scratch budget: several group batches (grouped) and row chunks (per-row)
-    ("grouped, several group batches", (3, 70), 2, 9, 300, ("sequence",), ("float32", "bfloat16"), "sequence",
-     {"LILY_CUDA_SCRATCH_BYTES": "12000"}),
+    (
+        "grouped, several group batches",
+        (3, 70),
+        2,
+        9,
+        300,
+        ("sequence",),
+        ("float32", "bfloat16"),
+        "sequence",
+        {"LILY_CUDA_SCRATCH_BYTES": "12000"},
+    ),
     # LILY_CUDA_KRON=gemm: kron_rows chunks + cuBLAS instead of the tiled kernel
-    ("kron rows + cuBLAS (LILY_CUDA_KRON=gemm)", (130,), 5, 12, 70, ("token",), ("float32", "bfloat16"), None,
-     {"LILY_CUDA_KRON": "gemm"}),
-    ("kron rows in chunks", (130,), 5, 12, 70, ("token",), ("float16",), None,
-     {"LILY_CUDA_KRON": "gemm", "LILY_CUDA_SCRATCH_BYTES": "4000"}),
+    (
+        "kron rows + cuBLAS (LILY_CUDA_KRON=gemm)",
+        (130,),
+        5,
+        12,
+        70,
+        ("token",),
+        ("float32", "bfloat16"),
+        None,
+        {"LILY_CUDA_KRON": "gemm"},
+    ),
+    (
+        "kron rows in chunks",
+        (130,),
+        5,
+        12,
+        70,
+        ("token",),
+        ("float16",),
+        None,
+        {"LILY_CUDA_KRON": "gemm", "LILY_CUDA_SCRATCH_BYTES": "4000"},
+    ),
     # many router blocks: router_grad partial sums over 63 blocks
     ("many router blocks", (4, 1000), 4, 64, 264, ("sequence", "token"), ("float32",), None, {}),
     # N = 0: the memsets of the empty backward
@@ -103,8 +130,11 @@ def run_case(lead, E, r, out, mode, dtype_name, masked, device, seed):
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(*lead, r, generator=g, dtype=torch.float64)
-    router = torch.randn(E, generator=g, dtype=torch.float64) if mode == "static" else \
-        torch.randn(E, r, generator=g, dtype=torch.float64)
+    router = (
+        torch.randn(E, generator=g, dtype=torch.float64)
+        if mode == "static"
+        else torch.randn(E, r, generator=g, dtype=torch.float64)
+    )
     bank = torch.randn(E, r, out, generator=g, dtype=torch.float64) / r**0.5
     mask = None
     if masked:
@@ -143,13 +173,17 @@ def cases_main(args):
         print("gpu_sanitize: lily_ext was built without its CUDA kernels", file=sys.stderr)
         return 2
     runs = list(expand_cases())
-    print(f"gpu_sanitize: {len(runs)} forward + backward runs of lily::routed_mix on {args.device} "
-          f"(torch {torch.__version__})", flush=True)
+    print(
+        f"gpu_sanitize: {len(runs)} forward + backward runs of lily::routed_mix on {args.device} "
+        f"(torch {torch.__version__})",
+        flush=True,
+    )
     failures = 0
     for i, (label, lead, E, r, out, mode, dtype, masked, env) in enumerate(runs):
         shape = "x".join(map(str, (*lead, E, r, out)))
-        what = f"{label}: lead x E x r x out = {shape}, {mode}, {dtype}{', mask' if masked else ''}" + \
-            "".join(f", {k}={v}" for k, v in env.items())
+        what = f"{label}: lead x E x r x out = {shape}, {mode}, {dtype}{', mask' if masked else ''}" + "".join(
+            f", {k}={v}" for k, v in env.items()
+        )
         if args.list:
             print(what)
             continue
@@ -168,8 +202,10 @@ def cases_main(args):
                 else:
                     os.environ[k] = v
         failures += status != "ok"
-        print(f"[{i + 1:2d}/{len(runs)}] {status:<8s} rel err {err:.1e} {time.perf_counter() - start:6.2f}s  {what}",
-              flush=True)
+        print(
+            f"[{i + 1:2d}/{len(runs)}] {status:<8s} rel err {err:.1e} {time.perf_counter() - start:6.2f}s  {what}",
+            flush=True,
+        )
     if args.list:
         return 0
     print(f"gpu_sanitize: {len(runs) - failures} of {len(runs)} runs ok", flush=True)
@@ -190,8 +226,10 @@ def find_sanitizer():
         homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     homes += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for home in filter(None, homes):
-        for candidate in (os.path.join(home, "bin", "compute-sanitizer"),
-                          os.path.join(home, "compute-sanitizer", "compute-sanitizer")):
+        for candidate in (
+            os.path.join(home, "bin", "compute-sanitizer"),
+            os.path.join(home, "compute-sanitizer", "compute-sanitizer"),
+        ):
             if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
                 return candidate
     return None
@@ -202,8 +240,15 @@ def run_logged(cmd, timeout, env=None):
     print("$ " + " ".join(cmd), flush=True)
     lines = []
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                errors="replace", start_new_session=False)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            errors="replace",
+            start_new_session=False,
+        )
     except OSError as exc:
         return 127, str(exc)
     deadline = time.monotonic() + timeout
@@ -232,8 +277,10 @@ def run_logged(cmd, timeout, env=None):
         return 124, "".join(lines)
 
 
-PROBE = ("import torch; x = torch.ones(1024, device='cuda'); y = (x * 2).sum(); torch.cuda.synchronize(); "
-         "print('probe ok', y.item())")
+PROBE = (
+    "import torch; x = torch.ones(1024, device='cuda'); y = (x * 2).sum(); torch.cuda.synchronize(); "
+    "print('probe ok', y.item())"
+)
 
 
 def probe(sanitizer, python, timeout):
@@ -241,8 +288,7 @@ def probe(sanitizer, python, timeout):
     code, out = run_logged([sanitizer, "--version"], min(timeout, 30))
     if code != 0:
         return f"`compute-sanitizer --version` exit {code}: {last_lines(out)}"
-    code, out = run_logged([sanitizer, "--tool", "memcheck", "--error-exitcode", "3", python, "-c", PROBE],
-                           timeout)
+    code, out = run_logged([sanitizer, "--tool", "memcheck", "--error-exitcode", "3", python, "-c", PROBE], timeout)
     if code == 124:
         return f"a trivial CUDA program did not finish under compute-sanitizer in {timeout:.0f} s"
     if code != 0 or "probe ok" not in out:
@@ -292,8 +338,11 @@ def check_main(args):
     cases = [python, os.path.join(HERE, "gpu_sanitize.py"), "cases", "--device", "cuda"]
     left = limit - (time.monotonic() - start) - 3
     code, out = run_logged(tool_command(sanitizer, args.tool) + cases, left, env)
-    if code not in (0, 124) and re.search(r"unrecognized|unknown option|invalid option|kernel-name", out, re.I) and \
-            "gpu_sanitize:" not in out:
+    if (
+        code not in (0, 124)
+        and re.search(r"unrecognized|unknown option|invalid option|kernel-name", out, re.I)
+        and "gpu_sanitize:" not in out
+    ):
         print(f"{args.tool}: retrying without the kernel-name filter")
         left = limit - (time.monotonic() - start) - 3
         code, out = run_logged(tool_command(sanitizer, args.tool, filtered=False) + cases, left, env)
@@ -314,8 +363,9 @@ def main(argv=None):
     check = sub.add_parser("check", help="run the cases under compute-sanitizer")
     check.add_argument("--tool", choices=["memcheck", "racecheck"], required=True)
     check.add_argument("--probe-file", help="reuse / record the probe's result here")
-    check.add_argument("--time-limit", type=float, default=120.0,
-                       help="seconds in all (GPU_CHECK_STAGE_LIMIT_S overrides)")
+    check.add_argument(
+        "--time-limit", type=float, default=120.0, help="seconds in all (GPU_CHECK_STAGE_LIMIT_S overrides)"
+    )
     args = parser.parse_args(argv)
     return cases_main(args) if args.command == "cases" else check_main(args)
 

@@ -19,8 +19,18 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
-STAGES = ["env", "build", "memcheck", "racecheck", "tests", "bench_ops", "bench_cuda", "ort_gpu", "ort_cuda_tests",
-          "bench_ort_cuda"]
+STAGES = [
+    "env",
+    "build",
+    "memcheck",
+    "racecheck",
+    "tests",
+    "bench_ops",
+    "bench_cuda",
+    "ort_gpu",
+    "ort_cuda_tests",
+    "bench_ort_cuda",
+]
 
 
 def load_script_module(name):
@@ -31,11 +41,13 @@ def load_script_module(name):
 
 
 def run_check(tmp_path, *args, env=None, timeout=600):
-    environment = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"),
-                       GPU_CHECK_WORK=str(tmp_path / "work"))
+    environment = dict(
+        os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), GPU_CHECK_WORK=str(tmp_path / "work")
+    )
     environment.update(env or {})
-    return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=environment, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", SCRIPT, *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def stage_rows(summary):
@@ -84,8 +96,10 @@ def test_env_fails_fast_on_cuda_major_mismatch(tmp_path):
     (toolkit / "include").mkdir()
     (toolkit / "include" / "cuda_runtime.h").write_text("")
     nvcc = toolkit / "bin" / "nvcc"
-    nvcc.write_text(f"#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
-                    f"echo 'Cuda compilation tools, release {major - 1}.8, V{major - 1}.8.93'\n")
+    nvcc.write_text(
+        f"#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+        f"echo 'Cuda compilation tools, release {major - 1}.8, V{major - 1}.8.93'\n"
+    )
     nvcc.chmod(0o755)
     empty = tmp_path / "no-headers"
     empty.mkdir()
@@ -106,17 +120,27 @@ def test_env_fails_fast_on_cuda_major_mismatch(tmp_path):
 
 def test_prepare_headers(tmp_path):
     """--prepare DIR copies the ONNX Runtime headers and writes the manifest (no wheel: small)."""
-    found = subprocess.run([sys.executable, os.path.join(ROOT, "lily_ext", "_build", "ort_library.py"), "--no-fetch"],
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "lily_ext", "_build", "ort_library.py"), "--no-fetch"],
+        capture_output=True,
+        text=True,
+    )
     if found.returncode != 0:
         pytest.skip(f"no ONNX Runtime headers on this machine without fetching: {found.stdout.strip()}")
     include = found.stdout.splitlines()[0]
     target = tmp_path / "prepared"
-    proc = subprocess.run(["bash", SCRIPT, "--prepare", str(target)], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHON=sys.executable, ONNXRUNTIME_INCLUDE_DIR=include), timeout=300)
+    proc = subprocess.run(
+        ["bash", SCRIPT, "--prepare", str(target)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHON=sys.executable, ONNXRUNTIME_INCLUDE_DIR=include),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (target / "onnxruntime-include" / "onnxruntime_c_api.h").read_bytes() == \
-        open(os.path.join(include, "onnxruntime_c_api.h"), "rb").read()
+    assert (target / "onnxruntime-include" / "onnxruntime_c_api.h").read_bytes() == open(
+        os.path.join(include, "onnxruntime_c_api.h"), "rb"
+    ).read()
     manifest = json.loads((target / "manifest.json").read_text())
     headers = manifest["onnxruntime_headers"]
     assert headers["dir"] == "onnxruntime-include" and headers["api_version"] >= 1 and len(headers["sha256"]) == 64
@@ -132,8 +156,10 @@ def make_wheel(path):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("lily_demo_pkg/__init__.py", "VALUE = 42\n" + "# padding\n" * 200)
         z.writestr("lily_demo_pkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: lily-demo-pkg\nVersion: 1.0\n")
-        z.writestr("lily_demo_pkg-1.0.dist-info/WHEEL",
-                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(
+            "lily_demo_pkg-1.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         z.writestr("lily_demo_pkg-1.0.dist-info/RECORD", "")
 
 
@@ -150,14 +176,39 @@ def test_ort_gpu_parts_protocol(tmp_path):
     assert len(parts) >= 2 and all(p["size"] <= 700 for p in parts)
     assert sum(p["size"] for p in parts) == wheel.stat().st_size
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    (prepared / "manifest.json").write_text(json.dumps(
-        {"ort_gpu": {"version": "1.0", "wheel": wheel.name, "sha256": digest, "bytes": wheel.stat().st_size,
-                     "parts_dir": str(parts_dir), "parts": parts}}))
+    (prepared / "manifest.json").write_text(
+        json.dumps(
+            {
+                "ort_gpu": {
+                    "version": "1.0",
+                    "wheel": wheel.name,
+                    "sha256": digest,
+                    "bytes": wheel.stat().st_size,
+                    "parts_dir": str(parts_dir),
+                    "parts": parts,
+                }
+            }
+        )
+    )
 
     def ort_gpu(*extra):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check_tools.py"), "ort-gpu", "--dir",
-                               str(prepared), "--parts-dir", str(parts_dir), "--target", str(target), *extra],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "scripts", "gpu_check_tools.py"),
+                "ort-gpu",
+                "--dir",
+                str(prepared),
+                "--parts-dir",
+                str(parts_dir),
+                "--target",
+                str(target),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     last = parts_dir / parts[-1]["name"]
     kept = last.read_bytes()
@@ -178,9 +229,21 @@ def test_ort_gpu_parts_protocol(tmp_path):
 
 
 def test_no_prepared_parts_is_a_skip(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check_tools.py"), "ort-gpu", "--dir",
-                           str(tmp_path), "--parts-dir", str(tmp_path), "--target", str(tmp_path / "site")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "gpu_check_tools.py"),
+            "ort-gpu",
+            "--dir",
+            str(tmp_path),
+            "--parts-dir",
+            str(tmp_path),
+            "--target",
+            str(tmp_path / "site"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 77 and "skipped: no onnxruntime-gpu parts prepared" in proc.stdout
 
 
