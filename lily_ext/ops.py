@@ -20,7 +20,7 @@ import torch
 MODES = ("batch", "sequence", "token", "static")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-__all__ = ["routed_mix", "MODES"]
+__all__ = ["routed_mix", "reload_cuda_knobs", "MODES"]
 
 
 def _check_scaling(scaling) -> float:
@@ -97,6 +97,13 @@ def routed_mix(
     """
     # Shapes, dtypes and devices are checked by the op itself (in C++, or by the fake kernel when traced).
     return torch.ops.lily.routed_mix.default(hidden, router, bank, _check_scaling(scaling), mode, mask)
+
+
+def reload_cuda_knobs() -> None:
+    """Reads ``LILY_CUDA_KRON`` and ``LILY_CUDA_SCRATCH_BYTES`` again: the CUDA kernels read them once
+    per process, at the first CUDA call. A no-op where the CUDA kernels are not built."""
+    if hasattr(torch.ops.lily, "reload_cuda_knobs"):
+        torch.ops.lily.reload_cuda_knobs()
 
 
 @torch.library.register_fake("lily::routed_mix")

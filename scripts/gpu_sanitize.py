@@ -165,6 +165,7 @@ def cases_main(args):
     import torch
 
     import lily_ext
+    from lily_ext.ops import reload_cuda_knobs
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_sanitize: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -189,6 +190,7 @@ def cases_main(args):
             continue
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        reload_cuda_knobs()  # the kernels read their knobs once per process
         start = time.perf_counter()
         try:
             err = run_case(lead, E, r, out, mode, dtype, masked, args.device, seed=i)
@@ -201,6 +203,7 @@ def cases_main(args):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            reload_cuda_knobs()
         failures += status != "ok"
         print(
             f"[{i + 1:2d}/{len(runs)}] {status:<8s} rel err {err:.1e} {time.perf_counter() - start:6.2f}s  {what}",

@@ -20,7 +20,7 @@ from helpers.shapes import CUDA_TOL as TOL
 from helpers.shapes import rel_err, shape_id
 
 import lily_ext
-from lily_ext.ops import MODES, routed_mix
+from lily_ext.ops import MODES, reload_cuda_knobs, routed_mix
 
 pytestmark = pytest.mark.gpu
 
@@ -44,6 +44,7 @@ def random_mask(lead, seed=0, fully_masked_sample=1):
 def env(**values):
     old = {k: os.environ.get(k) for k in values}
     os.environ.update({k: str(v) for k, v in values.items()})
+    reload_cuda_knobs()
     try:
         yield
     finally:
@@ -52,6 +53,22 @@ def env(**values):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        reload_cuda_knobs()
+
+
+@contextlib.contextmanager
+def matmul_flags(tf32, reduced_precision_reduction=True):
+    """torch's cuBLAS precision switches for the block, put back afterwards."""
+    matmul = torch.backends.cuda.matmul
+    names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    old = [getattr(matmul, n) for n in names]
+    for n, v in zip(names, (tf32, reduced_precision_reduction, reduced_precision_reduction)):
+        setattr(matmul, n, v)
+    try:
+        yield
+    finally:
+        for n, v in zip(names, old):
+            setattr(matmul, n, v)
 
 
 def forward_and_grads(hidden, router, bank, mode, scaling=0.7, mask=None, grad=None):
@@ -244,6 +261,116 @@ def test_kron_forward_paths_agree(mode):
                 assert rel_err(a, b) <= 4 * tol, knobs
 
 
+def cuda_kernels_run(fn):
+    """Names of the CUDA kernels `fn` runs (torch profiler); None where the profiler sees none."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    return names or None
+
+
+def test_knobs_are_read_once_per_process():
+    # token N = 300: the tiled kernel unless LILY_CUDA_KRON=gemm ((W kron h) rows + cuBLAS); a plain
+    # environment change is seen only after reload_cuda_knobs()
+    hidden, router, bank = make_inputs((300,), 3, 16, 72, "token", torch.float64)
+
+    def run():
+        return routed_mix(hidden, router, bank, mode="token")
+
+    def path():
+        names = cuda_kernels_run(run)
+        if names is None:
+            pytest.skip("the torch profiler records no CUDA kernels here")
+        tiled, rows = any("kron_gemm" in n for n in names), any("kron_rows_kernel" in n for n in names)
+        assert tiled != rows, names
+        return "tiled" if tiled else "gemm"
+
+    tiled = run()
+    assert path() == "tiled"
+    os.environ["LILY_CUDA_KRON"] = "gemm"
+    try:
+        assert path() == "tiled"  # not re-read
+        reload_cuda_knobs()
+        assert path() == "gemm"
+        gemm = run()
+    finally:
+        os.environ.pop("LILY_CUDA_KRON", None)
+        reload_cuda_knobs()
+    assert path() == "tiled"
+    assert rel_err(gemm, tiled) <= 1e-12
+
+
+# float32 shapes over every cuBLAS call site and the hand-written paths beside them: (lead, E, r, out,
+# mode, knobs). Forward: small-N fused (no cuBLAS), grouped one GEMM (batch N > 64), grouped batched
+# (sequence L > 64), per-row (W kron h) + cuBLAS (LILY_CUDA_KRON=gemm), tiled per-row (SIMT).
+# Backward: grouped (L > 4, batched GEMMs) and per-row (token, sequence L = 1) cuBLAS GEMMs.
+TF32_CASES = [
+    ((7,), 4, 16, 24, "batch", {}),
+    ((300,), 4, 32, 96, "batch", {}),
+    ((3, 100), 3, 32, 96, "sequence", {}),
+    ((300,), 3, 32, 96, "token", {"LILY_CUDA_KRON": "gemm"}),
+    ((300,), 3, 32, 96, "token", {}),
+    ((300,), 3, 32, 96, "static", {}),
+]
+
+
+@pytest.mark.parametrize("case", TF32_CASES, ids=lambda c: f"{c[4]}-{'x'.join(map(str, c[0]))}-{len(c[5])}")
+def test_float32_ignores_tf32_switch(case):
+    # precision policy (csrc/cuda/routed_mix_cuda.h): float32 runs in full float32 on every path,
+    # whatever torch.backends.cuda.matmul.allow_tf32 says: bitwise the same results either way, and
+    # the CPU kernels' to 1e-5
+    lead, E, r, out, mode, knobs = case
+    hidden, router, bank = make_inputs(lead, E, r, out, mode, torch.float32)
+    mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+    a = torch.randn(512, 512, device=DEV)
+    b = torch.randn(512, 512, device=DEV)
+    with env(**knobs):
+        with matmul_flags(tf32=False):
+            full = a @ b
+            base = forward_and_grads(hidden, router, bank, mode, mask=mask)
+        with matmul_flags(tf32=True):
+            tf32_before = a @ b
+            other = forward_and_grads(hidden, router, bank, mode, mask=mask, grad=base[2])
+            tf32_after = a @ b
+    if torch.cuda.get_device_capability() >= (8, 0):
+        # the switch is live on this device (else the comparison below would prove nothing) and the
+        # op left torch's TF32 matmuls as they were
+        assert not torch.equal(tf32_before, full)
+    assert torch.equal(tf32_after, tf32_before)
+    assert torch.equal(other[0], base[0])
+    for mine, theirs in zip(other[1], base[1]):
+        assert torch.equal(mine, theirs)
+    cpu = forward_and_grads(
+        hidden.cpu(), router.cpu(), bank.cpu(), mode, mask=None if mask is None else mask.cpu(), grad=base[2]
+    )
+    assert rel_err(other[0], cpu[0]) <= 1e-5
+    for mine, theirs in zip(other[1], cpu[1]):
+        assert rel_err(mine, theirs) <= 4e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TF32_CASES[1:4], ids=lambda c: f"{c[4]}-{'x'.join(map(str, c[0]))}-{len(c[5])}")
+def test_half_types_ignore_reduced_precision_reduction_switch(case, dtype):
+    # float16 / bfloat16 GEMMs never use 16-bit split-K reductions, whatever torch allows; a torch GEMM
+    # of the same dtype first leaves the handle in the math mode torch picked for it
+    lead, E, r, out, mode, knobs = case
+    hidden, router, bank = make_inputs(lead, E, r, out, mode, dtype)
+    mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+    a = torch.randn(256, 4096, device=DEV, dtype=dtype)
+    results = []
+    with env(**knobs):
+        for allowed in (False, True):
+            with matmul_flags(tf32=False, reduced_precision_reduction=allowed):
+                a @ a.T
+                results.append(
+                    forward_and_grads(hidden, router, bank, mode, mask=mask, grad=results[0][2] if results else None)
+                )
+    assert torch.equal(results[0][0], results[1][0])
+    for mine, theirs in zip(results[0][1], results[1][1]):
+        assert torch.equal(mine, theirs)
+
+
 def test_group_batches_in_small_scratch():
     # sequence samples in several batches of combined banks (forward and backward)
     hidden, router, bank = make_inputs((9, 20), 3, 8, 24, "sequence", torch.float64)
@@ -289,7 +416,9 @@ def test_gradcheck(mode):
         hidden, router, bank = make_inputs(lead, 3, 5, 6, mode, torch.float64)
         mask = random_mask(lead).to(DEV) if mode == "sequence" else None
         leaves = tuple(t.requires_grad_() for t in (hidden, router, bank))
-        assert torch.autograd.gradcheck(lambda h, R, B, mask=mask: routed_mix(h, R, B, scaling=0.8, mode=mode, mask=mask), leaves)
+        assert torch.autograd.gradcheck(
+            lambda h, R, B, mask=mask: routed_mix(h, R, B, scaling=0.8, mode=mode, mask=mask), leaves
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -153,10 +153,11 @@ std::string launch_combine(const acc_t<T>* weights, const T* bank, int experts, 
   const int64_t per_thread = vector ? V : 1;
   const dim3 grid(static_cast<unsigned>(ceil_div(plane, kThreads * per_thread)), static_cast<unsigned>(count));
   if (vector)
-    combine_kernel<T, true><<<grid, kThreads, 0, stream>>>(weights, bank, experts, plane, dst);
+    LILY_LAUNCH("combine_kernel",
+                combine_kernel<T, true><<<grid, kThreads, 0, stream>>>(weights, bank, experts, plane, dst));
   else
-    combine_kernel<T, false><<<grid, kThreads, 0, stream>>>(weights, bank, experts, plane, dst);
-  LILY_LAUNCH_CHECK("combine_kernel");
+    LILY_LAUNCH("combine_kernel",
+                combine_kernel<T, false><<<grid, kThreads, 0, stream>>>(weights, bank, experts, plane, dst));
   return "";
 }
 
@@ -167,9 +168,8 @@ std::string launch_bank_grad_groups(const acc_t<T>* weights, const acc_t<T>* dco
   if (count == 0 || plane == 0) return "";
   if (count > kMaxGridY) return "bank_grad_groups: too many groups in one launch";
   const dim3 grid(static_cast<unsigned>(bank_grad_blocks(plane)), static_cast<unsigned>(count));
-  bank_grad_groups_kernel<T>
-      <<<grid, kThreads, 0, stream>>>(weights, dcomb, bank, experts, plane, comb, dw_partial, dbank_single);
-  LILY_LAUNCH_CHECK("bank_grad_groups_kernel");
+  LILY_LAUNCH("bank_grad_groups_kernel", bank_grad_groups_kernel<T>
+              <<<grid, kThreads, 0, stream>>>(weights, dcomb, bank, experts, plane, comb, dw_partial, dbank_single));
   return "";
 }
 
@@ -180,9 +180,8 @@ std::string launch_bank_grad_accumulate(const acc_t<T>* weights, const acc_t<T>*
   if (plane == 0) return "";
   if (experts > kMaxGridY) return "bank_grad_accumulate: too many experts";
   const dim3 grid(static_cast<unsigned>(ceil_div(plane, kThreads)), static_cast<unsigned>(experts));
-  bank_grad_accumulate_kernel<T>
-      <<<grid, kThreads, 0, stream>>>(weights, dcomb, experts, plane, count, prev, acc_out, final_out);
-  LILY_LAUNCH_CHECK("bank_grad_accumulate_kernel");
+  LILY_LAUNCH("bank_grad_accumulate_kernel", bank_grad_accumulate_kernel<T>
+              <<<grid, kThreads, 0, stream>>>(weights, dcomb, experts, plane, count, prev, acc_out, final_out));
   return "";
 }
 
@@ -191,9 +190,8 @@ std::string launch_kron_rows(const acc_t<T>* weights, int64_t weight_rows, const
                              int64_t rank, int experts, T* Z, cudaStream_t stream) {
   const int64_t total = rows * rank * experts;
   if (total == 0) return "";
-  kron_rows_kernel<T>
-      <<<grid_1d(total, kThreads), kThreads, 0, stream>>>(weights, weight_rows, hidden, row0, rows, rank, experts, Z);
-  LILY_LAUNCH_CHECK("kron_rows_kernel");
+  LILY_LAUNCH("kron_rows_kernel", kron_rows_kernel<T><<<grid_1d(total, kThreads), kThreads, 0, stream>>>(
+                                      weights, weight_rows, hidden, row0, rows, rank, experts, Z));
   return "";
 }
 
@@ -202,9 +200,9 @@ std::string launch_kron_rows_backward(const acc_t<T>* weights, int64_t weight_ro
                                       int64_t row0, int64_t rows, int64_t rank, int experts, acc_t<T>* dweights_row,
                                       acc_t<T>* dh_mix, cudaStream_t stream) {
   if (rows == 0) return "";
-  kron_rows_backward_kernel<T><<<static_cast<unsigned>(ceil_div(rows, kThreads / 32)), kThreads, 0, stream>>>(
-      weights, weight_rows, hidden, dZ, row0, rows, rank, experts, dweights_row, dh_mix);
-  LILY_LAUNCH_CHECK("kron_rows_backward_kernel");
+  LILY_LAUNCH("kron_rows_backward_kernel", kron_rows_backward_kernel<T>
+              <<<static_cast<unsigned>(ceil_div(rows, kThreads / 32)), kThreads, 0, stream>>>(
+                  weights, weight_rows, hidden, dZ, row0, rows, rank, experts, dweights_row, dh_mix));
   return "";
 }
 

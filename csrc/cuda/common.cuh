@@ -122,14 +122,80 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
              cudaGetErrorString(lily_status_) + ")";                                    \
   } while (0)
 
-// After a kernel launch: launch-configuration errors surface here.
-#define LILY_LAUNCH_CHECK(kernel_name)                                                                         \
-  do {                                                                                                         \
-    const cudaError_t lily_status_ = cudaGetLastError();                                                       \
-    if (lily_status_ != cudaSuccess)                                                                           \
-      return std::string("launch of ") + (kernel_name) + " failed: " + cudaGetErrorName(lily_status_) + " (" + \
-             cudaGetErrorString(lily_status_) + ")";                                                           \
+// Kernel launches: LILY_LAUNCH("name", kernel<<<grid, block, smem, stream>>>(args)) launches and
+// returns a message from the enclosing function when the launch failed, naming the right culprit:
+// - before the launch, cudaPeekAtLastError: an error already pending on this host thread comes from
+//   earlier CUDA work (another library's unchecked launch, or an asynchronous fault of an earlier
+//   kernel, possibly one of this call's) and would otherwise be returned by the check after the launch
+//   as if this kernel had failed. It is reported as earlier work's error and the kernel is not
+//   launched; a non-sticky one is cleared by that report (it is not reported twice), a sticky one
+//   stays (the CUDA context is unusable; every later call fails).
+// - after the launch, cudaGetLastError: this launch's own status. Configuration, image and resource
+//   errors are the launch's; any other status is asynchronous (it surfaced at this launch) and the
+//   message says so.
+#define LILY_LAUNCH(kernel_name, ...)                                 \
+  do {                                                                \
+    LILY_TRY(::lily::cuda::error_pending_before_launch(kernel_name)); \
+    __VA_ARGS__;                                                      \
+    LILY_TRY(::lily::cuda::launch_status(kernel_name));               \
   } while (0)
+
+namespace lily {
+namespace cuda {
+
+// Whether `e`, returned right after a launch, is an error of the launch itself (its configuration,
+// the kernel image, resources) rather than an asynchronous one from work already on the device.
+inline bool is_launch_error(cudaError_t e) {
+  switch (e) {
+    case cudaErrorInvalidValue:
+    case cudaErrorInvalidConfiguration:
+    case cudaErrorMissingConfiguration:
+    case cudaErrorLaunchOutOfResources:
+    case cudaErrorInvalidDeviceFunction:
+    case cudaErrorNoKernelImageForDevice:
+    case cudaErrorInvalidKernelImage:
+    case cudaErrorUnsupportedPtxVersion:
+    case cudaErrorSharedObjectInitFailed:
+    case cudaErrorInvalidResourceHandle:
+    case cudaErrorCooperativeLaunchTooLarge:
+    case cudaErrorMemoryAllocation:
+    case cudaErrorInitializationError:
+    case cudaErrorNoDevice:
+    case cudaErrorInsufficientDriver:
+      return true;
+    default:
+      return false;
+  }
+}
+
+inline std::string describe_cuda_error(cudaError_t e) {
+  return std::string(cudaGetErrorName(e)) + " (" + cudaGetErrorString(e) + ")";
+}
+
+// "" when no CUDA error is pending on this thread; else a message naming the pending error as earlier
+// work's, not `kernel_name`'s (see LILY_LAUNCH).
+inline std::string error_pending_before_launch(const char* kernel_name) {
+  const cudaError_t pending = cudaPeekAtLastError();
+  if (pending == cudaSuccess) return "";
+  (void)cudaGetLastError();  // clears a non-sticky error; a sticky one stays
+  const bool sticky = cudaPeekAtLastError() != cudaSuccess;
+  return std::string("an earlier CUDA error was pending before the launch of ") + kernel_name +
+         " (not caused by this call; it comes from earlier CUDA work on this thread): " + describe_cuda_error(pending) +
+         (sticky ? "; the error is sticky: the CUDA context is no longer usable" : "; the pending error was cleared");
+}
+
+// After a launch: "" or the launch's failure (see LILY_LAUNCH).
+inline std::string launch_status(const char* kernel_name) {
+  const cudaError_t status = cudaGetLastError();
+  if (status == cudaSuccess) return "";
+  std::string message = std::string("launch of ") + kernel_name + " failed: " + describe_cuda_error(status);
+  if (!is_launch_error(status))
+    message += " (an asynchronous error that surfaced at this launch: it may come from earlier work on the device)";
+  return message;
+}
+
+}  // namespace cuda
+}  // namespace lily
 
 #define LILY_TRY(expr)                            \
   do {                                            \

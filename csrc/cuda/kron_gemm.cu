@@ -318,16 +318,14 @@ std::string launch_kron_gemm(const acc_t<T>* weights, const T* hidden, const T* 
     if (col_tiles > kMaxGridY) return "kron_gemm: out is too large";
     const dim3 grid(static_cast<unsigned>(ceil_div(rows, kBM)), static_cast<unsigned>(col_tiles));
     if (rank % 8 == 0 && out % 8 == 0 && aligned16(hidden) && aligned16(bank))
-      kron_gemm_tc_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+      LILY_LAUNCH("kron_gemm_tc_kernel", kron_gemm_tc_kernel<T, true><<<grid, kThreads, 0, stream>>>(p));
     else
-      kron_gemm_tc_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
-    LILY_LAUNCH_CHECK("kron_gemm_tc_kernel");
+      LILY_LAUNCH("kron_gemm_tc_kernel", kron_gemm_tc_kernel<T, false><<<grid, kThreads, 0, stream>>>(p));
   } else {
     const int64_t col_tiles = ceil_div(out, Simt<T>::BN);
     if (col_tiles > kMaxGridY) return "kron_gemm: out is too large";
     const dim3 grid(static_cast<unsigned>(ceil_div(rows, Simt<T>::BM)), static_cast<unsigned>(col_tiles));
-    kron_gemm_simt_kernel<T><<<grid, kThreads, 0, stream>>>(p);
-    LILY_LAUNCH_CHECK("kron_gemm_simt_kernel");
+    LILY_LAUNCH("kron_gemm_simt_kernel", kron_gemm_simt_kernel<T><<<grid, kThreads, 0, stream>>>(p));
   }
   return "";
 }

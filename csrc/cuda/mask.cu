@@ -28,8 +28,8 @@ std::string launch_mask(const void* src, int64_t n, bool float_bits, uint8_t* ds
   const U all = static_cast<U>(~U(0));
   const U bits = float_bits ? static_cast<U>(all >> 1) : all;  // unsigned: >> 1 clears the top (sign) bit
   const int64_t blocks = std::min<int64_t>(ceil_div(n, kMaskThreads), 4096);
-  mask_to_bytes_kernel<U><<<blocks, kMaskThreads, 0, stream>>>(static_cast<const U*>(src), n, bits, dst);
-  LILY_LAUNCH_CHECK("mask_to_bytes_kernel");
+  LILY_LAUNCH("mask_to_bytes_kernel",
+              mask_to_bytes_kernel<U><<<blocks, kMaskThreads, 0, stream>>>(static_cast<const U*>(src), n, bits, dst));
   return "";
 }
 

@@ -1,14 +1,16 @@
 // routed_mix forward / backward drivers on CUDA (see routed_mix_cuda.h): pick
 // the path for the shape, carve the caller's workspace, launch the kernels of
 // routing.cu / bank.cu / small_mix.cu / kron_gemm.cu and route the large GEMMs
-// to cuBLAS (cublasGemmEx / cublasGemmStridedBatchedEx, float32 / float64
-// compute) on the caller's stream. The grouped vs per-row choices are the CPU
-// driver's (csrc/lily/cpu_routed_mix.h).
+// to cuBLAS (cublasGemmEx / cublasGemmStridedBatchedEx, CUBLAS_COMPUTE_32F /
+// _64F under kBlasMathMode, see routed_mix_cuda.h) on the caller's stream. The
+// grouped vs per-row choices are the CPU driver's (csrc/lily/cpu_routed_mix.h).
 #include <cublas_v2.h>
 
+#include <atomic>
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
+#include <mutex>
 #include <type_traits>
 
 #include "common.cuh"
@@ -33,25 +35,60 @@ constexpr int64_t kPerRowBackwardRows = 4;
 // groups, a chunk of W kron h rows); LILY_CUDA_SCRATCH_BYTES overrides it.
 constexpr size_t kDefaultScratchBytes = size_t(256) << 20;
 
-size_t scratch_budget() {
+// ---- per-process and per-device state read once (planning runs on every call) ---------------
+
+// The environment knobs, read at the first planning pass of the process and
+// again only on reload_knobs(): getenv on every call is decode-size overhead.
+// Each is its own atomic, so concurrent calls read a consistent value of each.
+struct Knobs {
+  std::atomic<size_t> scratch_bytes{kDefaultScratchBytes};
+  std::atomic<bool> kron_gemm{false};
+};
+Knobs g_knobs;
+std::once_flag g_knobs_once;
+
+void read_knobs() {
+  size_t scratch = kDefaultScratchBytes;
   const char* env = std::getenv("LILY_CUDA_SCRATCH_BYTES");
   if (env != nullptr && *env != '\0') {
     errno = 0;
     char* end = nullptr;
     const unsigned long long v = std::strtoull(env, &end, 10);
-    if (errno == 0 && end != env && *end == '\0' && v > 0) return static_cast<size_t>(v);
+    if (errno == 0 && end != env && *end == '\0' && v > 0) scratch = static_cast<size_t>(v);
   }
-  return kDefaultScratchBytes;
+  const char* kron = std::getenv("LILY_CUDA_KRON");
+  g_knobs.scratch_bytes.store(scratch, std::memory_order_relaxed);
+  g_knobs.kron_gemm.store(kron != nullptr && std::string(kron) == "gemm", std::memory_order_relaxed);
 }
 
+const Knobs& knobs() {
+  std::call_once(g_knobs_once, read_knobs);
+  return g_knobs;
+}
+
+size_t scratch_budget() { return knobs().scratch_bytes.load(std::memory_order_relaxed); }
+
 int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Compute capability (major * 10 + minor) per device id, 0 = not known yet:
+// queried once per device and process (a device's compute capability cannot
+// change), then a relaxed atomic load. Racing first queries store the same value.
+constexpr int kCachedDevices = 64;
+std::atomic<int> g_device_cc[kCachedDevices] = {};
 
 int current_cc() {
   int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  const bool cacheable = device >= 0 && device < kCachedDevices;
+  if (cacheable) {
+    const int cached = g_device_cc[device].load(std::memory_order_relaxed);
+    if (cached != 0) return cached;
+  }
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return 0;
   if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return 0;
-  return major * 10 + minor;
+  const int cc = major * 10 + minor;
+  if (cacheable) g_device_cc[device].store(cc, std::memory_order_relaxed);
+  return cc;
 }
 
 // Forward of the per-row modes for N above the small path: the tiled kernel
@@ -60,8 +97,7 @@ int current_cc() {
 // the needed tensor cores).
 template <typename T>
 bool kron_tiled() {
-  const char* env = std::getenv("LILY_CUDA_KRON");
-  if (env != nullptr && std::string(env) == "gemm") return false;
+  if (knobs().kron_gemm.load(std::memory_order_relaxed)) return false;
   return kron_gemm_supported<T>(current_cc());
 }
 
@@ -100,6 +136,9 @@ struct BlasType<__nv_bfloat16> {
   static constexpr cudaDataType_t value = CUDA_R_16BF;
 };
 
+// Full-precision compute types, never CUBLAS_COMPUTE_32F_FAST_*: with
+// CUBLAS_COMPUTE_32F the handle's math mode decides whether float32 inputs may
+// go through TF32, and BlasScope pins it to kBlasMathMode for every call.
 template <typename A>
 constexpr cublasComputeType_t compute_type() {
   return sizeof(A) == 8 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
@@ -140,9 +179,12 @@ std::string gemm_batched(cublasHandle_t handle, bool trans_a, bool trans_b, int6
   return "";
 }
 
-// Puts the handle on our stream with host scalars for the call, touching it only
+// Puts the handle on our stream with host scalars and the math mode of the
+// precision policy (kBlasMathMode) for the call, touching each setting only
 // when it differs (cublasSetStream also resets a workspace the framework set),
-// and puts back what it changed.
+// and puts back what it changed: torch sets its handle's math mode from
+// allow_tf32 each time it hands the handle out, and other users of the handle
+// must find it as they left it.
 class BlasScope {
  public:
   BlasScope(const BlasScope&) = delete;
@@ -161,9 +203,15 @@ class BlasScope {
       LILY_CUBLAS_CHECK(cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
       restore_mode_ = true;
     }
+    LILY_CUBLAS_CHECK(cublasGetMathMode(handle, &old_math_));
+    if (old_math_ != kBlasMathMode) {
+      LILY_CUBLAS_CHECK(cublasSetMathMode(handle, kBlasMathMode));
+      restore_math_ = true;
+    }
     return "";
   }
   ~BlasScope() {
+    if (restore_math_) cublasSetMathMode(handle_, old_math_);
     if (restore_mode_) cublasSetPointerMode(handle_, old_mode_);
     if (restore_stream_) cublasSetStream(handle_, old_stream_);
   }
@@ -172,7 +220,8 @@ class BlasScope {
   cublasHandle_t handle_ = nullptr;
   cudaStream_t old_stream_ = nullptr;
   cublasPointerMode_t old_mode_ = CUBLAS_POINTER_MODE_HOST;
-  bool restore_stream_ = false, restore_mode_ = false;
+  cublasMath_t old_math_ = CUBLAS_DEFAULT_MATH;
+  bool restore_stream_ = false, restore_mode_ = false, restore_math_ = false;
 };
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -463,54 +512,71 @@ std::string check_limits(const MixShape& s) {
 
 }  // namespace
 
-size_t forward_workspace_bytes(const MixShape& s, DType dtype) {
+void reload_knobs() {
+  std::call_once(g_knobs_once, [] {});  // a later first planning pass must not read them again
+  read_knobs();
+}
+
+CallPlan plan_forward_call(const MixShape& s, DType dtype) {
+  size_t bytes = 0;
+  ForwardPath path = ForwardPath::kEmpty;
+#define LILY_PLAN(T)                                      \
+  {                                                       \
+    const ForwardPlan<T> p = plan_forward<T>(s, nullptr); \
+    bytes = p.bytes;                                      \
+    path = p.path;                                        \
+  }
   switch (dtype) {
     case DType::kFloat32:
-      return plan_forward<float>(s, nullptr).bytes;
+      LILY_PLAN(float);
+      break;
     case DType::kFloat64:
-      return plan_forward<double>(s, nullptr).bytes;
+      LILY_PLAN(double);
+      break;
     case DType::kFloat16:
-      return plan_forward<__half>(s, nullptr).bytes;
+      LILY_PLAN(__half);
+      break;
     case DType::kBFloat16:
-      return plan_forward<__nv_bfloat16>(s, nullptr).bytes;
+      LILY_PLAN(__nv_bfloat16);
+      break;
   }
-  return 0;
+#undef LILY_PLAN
+  CallPlan plan;
+  plan.workspace_bytes = bytes;
+  plan.uses_blas = path == ForwardPath::kGrouped || path == ForwardPath::kPerRowGemm;
+  // cuBLAS's recommended workspace: 32 MiB on Hopper and later, 4 MiB before.
+  if (plan.uses_blas) plan.blas_workspace_bytes = current_cc() >= 90 ? size_t(32) << 20 : size_t(4) << 20;
+  return plan;
 }
+
+CallPlan plan_backward_call(const MixShape& s, DType dtype) {
+  CallPlan plan;
+  switch (dtype) {
+    case DType::kFloat32:
+      plan.workspace_bytes = plan_backward<float>(s, nullptr).bytes;
+      break;
+    case DType::kFloat64:
+      plan.workspace_bytes = plan_backward<double>(s, nullptr).bytes;
+      break;
+    case DType::kFloat16:
+      plan.workspace_bytes = plan_backward<__half>(s, nullptr).bytes;
+      break;
+    case DType::kBFloat16:
+      plan.workspace_bytes = plan_backward<__nv_bfloat16>(s, nullptr).bytes;
+      break;
+  }
+  plan.uses_blas = s.rows > 0;  // both backward paths run their large GEMMs on cuBLAS
+  if (plan.uses_blas) plan.blas_workspace_bytes = current_cc() >= 90 ? size_t(32) << 20 : size_t(4) << 20;
+  return plan;
+}
+
+size_t forward_workspace_bytes(const MixShape& s, DType dtype) { return plan_forward_call(s, dtype).workspace_bytes; }
 
 size_t forward_blas_workspace_bytes(const MixShape& s, DType dtype) {
-  ForwardPath path = ForwardPath::kEmpty;
-  switch (dtype) {
-    case DType::kFloat32:
-      path = plan_forward<float>(s, nullptr).path;
-      break;
-    case DType::kFloat64:
-      path = plan_forward<double>(s, nullptr).path;
-      break;
-    case DType::kFloat16:
-      path = plan_forward<__half>(s, nullptr).path;
-      break;
-    case DType::kBFloat16:
-      path = plan_forward<__nv_bfloat16>(s, nullptr).path;
-      break;
-  }
-  if (path != ForwardPath::kGrouped && path != ForwardPath::kPerRowGemm) return 0;
-  // cuBLAS's recommended workspace: 32 MiB on Hopper and later, 4 MiB before.
-  return current_cc() >= 90 ? size_t(32) << 20 : size_t(4) << 20;
+  return plan_forward_call(s, dtype).blas_workspace_bytes;
 }
 
-size_t backward_workspace_bytes(const MixShape& s, DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return plan_backward<float>(s, nullptr).bytes;
-    case DType::kFloat64:
-      return plan_backward<double>(s, nullptr).bytes;
-    case DType::kFloat16:
-      return plan_backward<__half>(s, nullptr).bytes;
-    case DType::kBFloat16:
-      return plan_backward<__nv_bfloat16>(s, nullptr).bytes;
-  }
-  return 0;
-}
+size_t backward_workspace_bytes(const MixShape& s, DType dtype) { return plan_backward_call(s, dtype).workspace_bytes; }
 
 std::string routed_mix_forward(const MixShape& s, DType dtype, double scaling, const void* hidden, const void* router,
                                const void* bank, const uint8_t* mask, void* delta, void* workspace,

@@ -249,9 +249,9 @@ std::string launch_router_rows(const T* hidden, const T* router, const uint8_t* 
   const int64_t blocks = segments * chunks;
   if (blocks == 0) return "";
   const size_t smem = sizeof(acc_t<T>) * (2 * kWarps * experts + kWarps);
-  router_rows_kernel<T><<<blocks, kThreads, smem, stream>>>(hidden, router, mask, rank, experts, segment_rows, chunks,
-                                                            probs, row_weights, partial);
-  LILY_LAUNCH_CHECK("router_rows_kernel");
+  LILY_LAUNCH("router_rows_kernel",
+              router_rows_kernel<T><<<blocks, kThreads, smem, stream>>>(
+                  hidden, router, mask, rank, experts, segment_rows, chunks, probs, row_weights, partial));
   return "";
 }
 
@@ -259,15 +259,14 @@ template <typename A>
 std::string launch_router_finalize(const A* partial, int64_t groups, int64_t chunks, int experts, A* weights,
                                    A* inv_count, cudaStream_t stream) {
   if (groups == 0) return "";
-  router_finalize_kernel<A><<<groups, kFinalizeThreads, 0, stream>>>(partial, chunks, experts, weights, inv_count);
-  LILY_LAUNCH_CHECK("router_finalize_kernel");
+  LILY_LAUNCH("router_finalize_kernel", router_finalize_kernel<A>
+              <<<groups, kFinalizeThreads, 0, stream>>>(partial, chunks, experts, weights, inv_count));
   return "";
 }
 
 template <typename T>
 std::string launch_static_weights(const T* theta, int experts, acc_t<T>* weights, cudaStream_t stream) {
-  static_weights_kernel<T><<<1, 32, 0, stream>>>(theta, experts, weights);
-  LILY_LAUNCH_CHECK("static_weights_kernel");
+  LILY_LAUNCH("static_weights_kernel", static_weights_kernel<T><<<1, 32, 0, stream>>>(theta, experts, weights));
   return "";
 }
 
@@ -278,10 +277,10 @@ std::string launch_router_backward_rows(const T* router, const acc_t<T>* probs, 
                                         acc_t<T>* dlogits, cudaStream_t stream) {
   if (rows == 0) return "";
   const size_t smem = sizeof(acc_t<T>) * kWarps * experts;
-  router_backward_rows_kernel<T><<<ceil_div(rows, kWarps), kThreads, smem, stream>>>(
-      router, probs, dweights, inv_count, mask, rows, rank, experts, group_rows, static_cast<int>(mode), dh_mix,
-      dhidden, dlogits);
-  LILY_LAUNCH_CHECK("router_backward_rows_kernel");
+  LILY_LAUNCH("router_backward_rows_kernel", router_backward_rows_kernel<T>
+              <<<ceil_div(rows, kWarps), kThreads, smem, stream>>>(router, probs, dweights, inv_count, mask, rows, rank,
+                                                                   experts, group_rows, static_cast<int>(mode), dh_mix,
+                                                                   dhidden, dlogits));
   return "";
 }
 
@@ -293,20 +292,19 @@ std::string launch_router_grad(const T* hidden, const acc_t<T>* dlogits, int64_t
   if (entries == 0 || blocks == 0) return "";
   const int64_t tiles = grid_for(entries);
   if (tiles > kMaxGridY) return "router_grad: E * r = " + std::to_string(entries) + " is too large";
-  router_grad_partial_kernel<T>
-      <<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(
-          hidden, dlogits, rows, rank, experts, router_grad_rows(rows), partial);
-  LILY_LAUNCH_CHECK("router_grad_partial_kernel");
-  router_grad_finalize_kernel<T><<<tiles, kThreads, 0, stream>>>(partial, blocks, entries, drouter);
-  LILY_LAUNCH_CHECK("router_grad_finalize_kernel");
+  LILY_LAUNCH("router_grad_partial_kernel", router_grad_partial_kernel<T>
+              <<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles)), kThreads, 0, stream>>>(
+                  hidden, dlogits, rows, rank, experts, router_grad_rows(rows), partial));
+  LILY_LAUNCH("router_grad_finalize_kernel",
+              router_grad_finalize_kernel<T><<<tiles, kThreads, 0, stream>>>(partial, blocks, entries, drouter));
   return "";
 }
 
 template <typename T>
 std::string launch_static_router_grad(const acc_t<T>* weights, const acc_t<T>* dweights, int experts, T* dtheta,
                                       cudaStream_t stream) {
-  static_router_grad_kernel<T><<<1, 32, 0, stream>>>(weights, dweights, experts, dtheta);
-  LILY_LAUNCH_CHECK("static_router_grad_kernel");
+  LILY_LAUNCH("static_router_grad_kernel",
+              static_router_grad_kernel<T><<<1, 32, 0, stream>>>(weights, dweights, experts, dtheta));
   return "";
 }
 
@@ -314,9 +312,8 @@ template <typename A>
 std::string launch_sum_group_rows(const A* row_values, int64_t groups, int64_t group_rows, int experts, A* out,
                                   cudaStream_t stream) {
   if (groups == 0) return "";
-  sum_group_rows_kernel<A>
-      <<<grid_for(groups * experts), kThreads, 0, stream>>>(row_values, groups, group_rows, experts, out);
-  LILY_LAUNCH_CHECK("sum_group_rows_kernel");
+  LILY_LAUNCH("sum_group_rows_kernel", sum_group_rows_kernel<A>
+              <<<grid_for(groups * experts), kThreads, 0, stream>>>(row_values, groups, group_rows, experts, out));
   return "";
 }
 
@@ -324,8 +321,8 @@ template <typename A>
 std::string launch_sum_partials(const A* partial, int64_t count, int64_t blocks, int experts, A* dweights,
                                 cudaStream_t stream) {
   if (count == 0) return "";
-  sum_partials_kernel<A><<<grid_for(count * experts), kThreads, 0, stream>>>(partial, count, blocks, experts, dweights);
-  LILY_LAUNCH_CHECK("sum_partials_kernel");
+  LILY_LAUNCH("sum_partials_kernel", sum_partials_kernel<A>
+              <<<grid_for(count * experts), kThreads, 0, stream>>>(partial, count, blocks, experts, dweights));
   return "";
 }
 
@@ -333,8 +330,7 @@ template <typename T>
 std::string launch_convert(const acc_t<T>* src, int64_t n, T* dst, cudaStream_t stream) {
   if (n == 0) return "";
   const int64_t blocks = std::min<int64_t>(grid_for(n), 65536);
-  convert_kernel<T><<<blocks, kThreads, 0, stream>>>(src, n, dst);
-  LILY_LAUNCH_CHECK("convert_kernel");
+  LILY_LAUNCH("convert_kernel", convert_kernel<T><<<blocks, kThreads, 0, stream>>>(src, n, dst));
   return "";
 }
 

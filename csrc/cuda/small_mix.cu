@@ -206,13 +206,12 @@ std::string launch_small_mix(const MixShape& s, const SmallMixPlan& plan, acc_t<
   a.delta = delta;
   a.partial = partial;
   const dim3 grid(static_cast<unsigned>(plan.col_tiles), static_cast<unsigned>(plan.splits));
-  small_mix_kernel<T><<<grid, kThreads, plan.smem_bytes, stream>>>(a);
-  LILY_LAUNCH_CHECK("small_mix_kernel");
+  LILY_LAUNCH("small_mix_kernel", small_mix_kernel<T><<<grid, kThreads, plan.smem_bytes, stream>>>(a));
   if (a.split) {
     const int64_t size = s.rows * s.out;
-    split_reduce_kernel<T><<<static_cast<unsigned>(ceil_div(size, kThreads)), kThreads, 0, stream>>>(
-        partial, plan.splits, size, scaling, delta);
-    LILY_LAUNCH_CHECK("split_reduce_kernel");
+    LILY_LAUNCH("split_reduce_kernel",
+                split_reduce_kernel<T><<<static_cast<unsigned>(ceil_div(size, kThreads)), kThreads, 0, stream>>>(
+                    partial, plan.splits, size, scaling, delta));
   }
   return "";
 }

@@ -4,6 +4,12 @@
 // implementation (csrc/lily/cpu_routed_mix.h) in float64 on the same rounded
 // inputs. Outputs and workspace start as NaN bytes and are followed by guard
 // bytes, so unwritten outputs, reads of unwritten scratch and overruns show.
+// Every call finds the cuBLAS handle as torch may leave it (TF32 math mode,
+// device pointer mode, another stream); each GEMM must run under the precision
+// policy (routed_mix_cuda.h) and the handle must be put back. The handle is
+// passed only when the call's plan says it uses cuBLAS (else null, as the torch
+// binding does). run_policy_cases checks the launch-error attribution, the
+// knobs read once and the compute capability cached per device.
 // Prints one line per case; exit code 1 if any case fails.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,6 +28,13 @@
 int64_t emu_gemm_count();
 int64_t emu_launch_count();
 int64_t emu_thread_count();
+void emu_clear_gemm_records();
+size_t emu_gemm_record_count();
+void emu_gemm_record(size_t i, int* math, int* compute, int* a_type, int* c_type);
+void emu_set_pending_error(cudaError_t e, bool sticky);
+void emu_reset_errors();
+void emu_fail_next_launch(cudaError_t e);
+int64_t emu_attribute_queries();
 
 namespace {
 
@@ -186,6 +199,45 @@ void set_env(const char* spec, bool on) {
   }
 }
 
+// The emulated cuBLAS handle (any non-null value) and the state torch may leave
+// it in: TF32 allowed (allow_tf32), device pointer mode, another stream.
+const cublasHandle_t kHandle = reinterpret_cast<cublasHandle_t>(0x1);
+const cudaStream_t kForeignStream = reinterpret_cast<cudaStream_t>(0x77);
+
+void set_foreign_handle_state() {
+  cublasSetMathMode(kHandle, CUBLAS_TF32_TENSOR_OP_MATH);
+  cublasSetPointerMode(kHandle, CUBLAS_POINTER_MODE_DEVICE);
+  cublasSetStream(kHandle, kForeignStream);
+  emu_clear_gemm_records();
+}
+
+// "" when every GEMM since set_foreign_handle_state ran under the precision
+// policy and the handle is back in the state that function left it in.
+std::string check_blas_policy(bool is_double) {
+  std::string problems;
+  for (size_t i = 0; i < emu_gemm_record_count(); ++i) {
+    int math = 0, compute = 0, a_type = 0, c_type = 0;
+    emu_gemm_record(i, &math, &compute, &a_type, &c_type);
+    const bool half = a_type == CUDA_R_16F || a_type == CUDA_R_16BF;
+    if ((math & 0xf) != CUBLAS_DEFAULT_MATH)
+      problems += " GEMM " + std::to_string(i) + " ran with math mode " + std::to_string(math) + " (not default math);";
+    if (half && (math & CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) == 0)
+      problems += " GEMM " + std::to_string(i) + " allowed reduced-precision reductions;";
+    if (compute != (is_double ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F))
+      problems += " GEMM " + std::to_string(i) + " compute type " + std::to_string(compute) + ";";
+  }
+  cublasMath_t math;
+  cublasPointerMode_t pointer;
+  cudaStream_t stream;
+  cublasGetMathMode(kHandle, &math);
+  cublasGetPointerMode(kHandle, &pointer);
+  cublasGetStream(kHandle, &stream);
+  if (math != CUBLAS_TF32_TENSOR_OP_MATH) problems += " handle math mode not restored;";
+  if (pointer != CUBLAS_POINTER_MODE_DEVICE) problems += " handle pointer mode not restored;";
+  if (stream != kForeignStream) problems += " handle stream not restored;";
+  return problems;
+}
+
 std::string describe(const Case& c) {
   std::string d = std::string(c.mode) + " [";
   for (size_t i = 0; i < c.lead.size(); ++i) d += (i ? "," : "") + std::to_string(c.lead[i]);
@@ -241,28 +293,43 @@ bool run_case(const Case& c, double tol) {
                                          bank.data(), mask_ptr, ref_dh.data(), ref_dR.data(), ref_dB.data());
 
   set_env(c.env, true);
+  lily::cuda::reload_knobs();  // read once per process otherwise
+  const char* device = std::getenv("EMU_DEVICE");
+  if (device != nullptr) cudaSetDevice(std::atoi(device));
   Buffer h = upload<T>(hidden), R = upload<T>(router), B = upload<T>(bank), G = upload<T>(grad);
   Buffer M(mask.size());
   if (!mask.empty()) std::memcpy(M.bytes.data(), mask.data(), mask.size());
   Buffer delta(static_cast<size_t>(N * out) * sizeof(T));
-  Buffer ws_f(lily::cuda::forward_workspace_bytes(s, dtype_of<T>()));
+  const lily::cuda::CallPlan fplan = lily::cuda::plan_forward_call(s, dtype_of<T>());
+  Buffer ws_f(fplan.workspace_bytes);
   const int64_t launches0 = emu_launch_count(), gemms0 = emu_gemm_count();
+  set_foreign_handle_state();
   std::string error = lily::cuda::routed_mix_forward(
       s, dtype_of<T>(), scaling, h.data(), R.data(), B.data(), c.mask ? static_cast<const uint8_t*>(M.data()) : nullptr,
-      delta.data(), ws_f.data(), ws_f.size, nullptr, reinterpret_cast<cublasHandle_t>(0x1));
+      delta.data(), ws_f.data(), ws_f.size, nullptr, fplan.uses_blas ? kHandle : nullptr);
+  std::string policy = check_blas_policy(dtype_of<T>() == DType::kFloat64);
   const int64_t fwd_launches = emu_launch_count() - launches0, fwd_gemms = emu_gemm_count() - gemms0;
-  // callers that own their cuBLAS handle bind a workspace exactly when the forward uses cuBLAS
-  const bool blas_ws_ok = (lily::cuda::forward_blas_workspace_bytes(s, dtype_of<T>()) > 0) == (fwd_gemms > 0);
+  // the handle is needed, and callers that own theirs bind a workspace, exactly when the forward uses cuBLAS
+  bool blas_ok = fplan.uses_blas == (fwd_gemms > 0) && (fplan.blas_workspace_bytes > 0) == fplan.uses_blas &&
+                 lily::cuda::forward_blas_workspace_bytes(s, dtype_of<T>()) == fplan.blas_workspace_bytes &&
+                 lily::cuda::forward_workspace_bytes(s, dtype_of<T>()) == fplan.workspace_bytes;
   Buffer dh(static_cast<size_t>(N * r) * sizeof(T)), dR(router.size() * sizeof(T)), dB(bank.size() * sizeof(T));
-  Buffer ws_b(lily::cuda::backward_workspace_bytes(s, dtype_of<T>()));
-  if (error.empty())
+  const lily::cuda::CallPlan bplan = lily::cuda::plan_backward_call(s, dtype_of<T>());
+  Buffer ws_b(bplan.workspace_bytes);
+  if (error.empty()) {
+    set_foreign_handle_state();
     error = lily::cuda::routed_mix_backward(s, dtype_of<T>(), scaling, G.data(), h.data(), R.data(), B.data(),
                                             c.mask ? static_cast<const uint8_t*>(M.data()) : nullptr, dh.data(),
                                             dR.data(), dB.data(), ws_b.data(), ws_b.size, nullptr,
-                                            reinterpret_cast<cublasHandle_t>(0x1));
+                                            bplan.uses_blas ? kHandle : nullptr);
+    policy += check_blas_policy(dtype_of<T>() == DType::kFloat64);
+  }
+  if (device != nullptr) cudaSetDevice(0);
   set_env(c.env, false);
+  lily::cuda::reload_knobs();
   const int64_t bwd_launches = emu_launch_count() - launches0 - fwd_launches;
   const int64_t bwd_gemms = emu_gemm_count() - gemms0 - fwd_gemms;
+  blas_ok = blas_ok && bplan.uses_blas == (bwd_gemms > 0);
   if (!error.empty()) {
     std::printf("FAIL %-9s %s: %s\n", dtype_name<T>(), describe(c).c_str(), error.c_str());
     return false;
@@ -273,12 +340,14 @@ bool run_case(const Case& c, double tol) {
   const double e_dB = rel_err(download<T>(dB, ref_dB.size()), ref_dB);
   const bool guards = delta.guard_ok() && dh.guard_ok() && dR.guard_ok() && dB.guard_ok() && ws_f.guard_ok() &&
                       ws_b.guard_ok() && h.guard_ok() && R.guard_ok() && B.guard_ok() && G.guard_ok();
-  const bool ok = e_fwd <= tol && e_dh <= 4 * tol && e_dR <= 4 * tol && e_dB <= 4 * tol && guards && blas_ws_ok;
+  const bool ok =
+      e_fwd <= tol && e_dh <= 4 * tol && e_dR <= 4 * tol && e_dB <= 4 * tol && guards && blas_ok && policy.empty();
   std::printf("%s %-9s %-60s fwd %.1e dh %.1e dR %.1e dB %.1e | ws %zu/%zu B | launches %lld+%lld gemms %lld+%lld%s\n",
               ok ? "ok  " : "FAIL", dtype_name<T>(), describe(c).c_str(), e_fwd, e_dh, e_dR, e_dB, ws_f.size, ws_b.size,
               (long long)fwd_launches, (long long)bwd_launches, (long long)fwd_gemms, (long long)bwd_gemms,
               guards ? "" : " GUARD BYTES OVERWRITTEN");
-  if (!blas_ws_ok) std::printf("     forward_blas_workspace_bytes disagrees with the cuBLAS calls made\n");
+  if (!blas_ok) std::printf("     the plan's uses_blas / blas_workspace_bytes disagree with the cuBLAS calls made\n");
+  if (!policy.empty()) std::printf("     cuBLAS precision policy:%s\n", policy.c_str());
   return ok;
 }
 
@@ -336,6 +405,132 @@ int run_mask_cases() {
   return failures + !rejects;
 }
 
+MixShape shape_of(const char* mode, std::vector<int64_t> lead, int64_t E, int64_t r, int64_t out) {
+  std::vector<int64_t> hidden = lead;
+  hidden.push_back(r);
+  const std::vector<int64_t> router =
+      std::string(mode) == "static" ? std::vector<int64_t>{E} : std::vector<int64_t>{E, r};
+  MixShape s;
+  const std::string err = lily::check_shapes(mode, hidden, router, {E, r, out}, nullptr, &s);
+  if (!err.empty()) std::abort();
+  return s;
+}
+
+bool report(bool ok, const std::string& what, const std::string& detail = "") {
+  std::printf("%s policy: %s%s%s\n", ok ? "ok  " : "FAIL", what.c_str(), detail.empty() ? "" : ": ", detail.c_str());
+  return ok;
+}
+
+bool contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
+
+// A float32 forward of shape s (inputs 0.5, zero-filled mask-free), "" or its error.
+std::string forward_f32(const MixShape& s) {
+  std::vector<float> h(static_cast<size_t>(s.rows * s.rank), 0.5f), R(static_cast<size_t>(s.experts * s.rank), 0.5f),
+      B(static_cast<size_t>(s.experts * s.rank * s.out), 0.5f), delta(static_cast<size_t>(s.rows * s.out));
+  const lily::cuda::CallPlan plan = lily::cuda::plan_forward_call(s, DType::kFloat32);
+  std::vector<unsigned char> ws(plan.workspace_bytes);
+  return lily::cuda::routed_mix_forward(s, DType::kFloat32, 1.0, h.data(), R.data(), B.data(), nullptr, delta.data(),
+                                        ws.empty() ? nullptr : ws.data(), ws.size(), nullptr,
+                                        plan.uses_blas ? kHandle : nullptr);
+}
+
+// Launch-error attribution (common.cuh LILY_LAUNCH), the knobs read once, the
+// compute capability cached per device, the small-N plan, and the emulated
+// TF32 itself (so a policy regression would also show as float32 error).
+int run_policy_cases(int* count) {
+  int failures = 0;
+  auto check = [&](bool ok, const std::string& what, const std::string& detail = "") {
+    ++*count;
+    failures += !report(ok, what, detail);
+  };
+  const MixShape small = shape_of("batch", {7}, 4, 16, 24);      // small_mix_kernel first
+  const MixShape grouped = shape_of("batch", {130}, 3, 12, 70);  // router_rows_kernel first, then cuBLAS
+
+  // an error left pending by earlier work: named as such, the kernel not blamed, not launched
+  emu_reset_errors();
+  const int64_t launches0 = emu_launch_count();
+  emu_set_pending_error(cudaErrorInvalidValue, false);
+  std::string e = forward_f32(small);
+  check(contains(e, "an earlier CUDA error was pending before the launch of small_mix_kernel") &&
+            contains(e, "cudaErrorInvalidValue") && contains(e, "not caused by this call") &&
+            !contains(e, "launch of small_mix_kernel failed") && emu_launch_count() == launches0,
+        "pending non-sticky error reported as earlier work's", e);
+  check(cudaPeekAtLastError() == cudaSuccess && forward_f32(small).empty(),
+        "a pending non-sticky error is cleared by its report; the next call runs");
+  emu_set_pending_error(cudaErrorInvalidValue, false);
+  e = forward_f32(grouped);
+  check(contains(e, "earlier CUDA error was pending before the launch of router_rows_kernel") && !contains(e, "failed"),
+        "pending error before a cuBLAS-path call", e);
+  emu_set_pending_error(cudaErrorIllegalAddress, true);
+  e = forward_f32(small);
+  check(contains(e, "earlier CUDA error was pending") && contains(e, "cudaErrorIllegalAddress") &&
+            contains(e, "sticky") && cudaPeekAtLastError() == cudaErrorIllegalAddress,
+        "pending sticky error reported as earlier work's and left pending", e);
+  emu_reset_errors();
+  // this launch's own failure: named as the kernel's
+  emu_fail_next_launch(cudaErrorInvalidConfiguration);
+  e = forward_f32(small);
+  check(contains(e, "launch of small_mix_kernel failed: cudaErrorInvalidConfiguration") && !contains(e, "earlier") &&
+            !contains(e, "asynchronous") && cudaPeekAtLastError() == cudaSuccess,
+        "a failed launch is reported as the kernel's", e);
+  emu_fail_next_launch(cudaErrorIllegalAddress);
+  e = forward_f32(small);
+  check(contains(e, "launch of small_mix_kernel failed: cudaErrorIllegalAddress") && contains(e, "asynchronous"),
+        "an asynchronous error surfacing at a launch is flagged as such", e);
+  emu_reset_errors();
+  check(forward_f32(small).empty() && forward_f32(grouped).empty(), "calls run again after the errors are gone");
+
+  // small-N forward: no cuBLAS, no scratch without split-K (N = 1 decode, batch mode)
+  const MixShape decode = shape_of("batch", {1}, 4, 16, 1024);
+  const lily::cuda::CallPlan dp = lily::cuda::plan_forward_call(decode, DType::kFloat32);
+  check(!dp.uses_blas && dp.workspace_bytes == 0 && dp.blas_workspace_bytes == 0,
+        "small-N forward (N=1 batch) plans no cuBLAS and no workspace");
+  const lily::cuda::CallPlan tp = lily::cuda::plan_forward_call(shape_of("token", {8}, 4, 16, 1024), DType::kBFloat16);
+  check(!tp.uses_blas, "small-N forward with split-K (token) plans no cuBLAS",
+        "workspace " + std::to_string(tp.workspace_bytes) + " B for the split-K partials");
+
+  // knobs: read once, again only on reload_knobs()
+  const MixShape token = shape_of("token", {130}, 3, 12, 70);
+  const bool tiled0 = !lily::cuda::plan_forward_call(token, DType::kFloat32).uses_blas;
+  setenv("LILY_CUDA_KRON", "gemm", 1);
+  const bool tiled1 = !lily::cuda::plan_forward_call(token, DType::kFloat32).uses_blas;
+  lily::cuda::reload_knobs();
+  const bool tiled2 = !lily::cuda::plan_forward_call(token, DType::kFloat32).uses_blas;
+  unsetenv("LILY_CUDA_KRON");
+  lily::cuda::reload_knobs();
+  const bool tiled3 = !lily::cuda::plan_forward_call(token, DType::kFloat32).uses_blas;
+  check(tiled0 && tiled1 && !tiled2 && tiled3, "LILY_CUDA_KRON is read once, again on reload_knobs()");
+
+  // compute capability: queried once per device
+  lily::cuda::plan_forward_call(token, DType::kBFloat16);
+  const int64_t q0 = emu_attribute_queries();
+  const bool bf16_tiled_90 = !lily::cuda::plan_forward_call(token, DType::kBFloat16).uses_blas;
+  const int64_t q1 = emu_attribute_queries();
+  cudaSetDevice(1);
+  const bool bf16_tiled_75 = !lily::cuda::plan_forward_call(token, DType::kBFloat16).uses_blas;
+  const int64_t q2 = emu_attribute_queries();
+  lily::cuda::plan_forward_call(token, DType::kBFloat16);
+  const int64_t q3 = emu_attribute_queries();
+  cudaSetDevice(0);
+  check(q1 == q0 && bf16_tiled_90 && q2 > q1 && !bf16_tiled_75 && q3 == q2,
+        "compute capability queried once per device",
+        "queries " + std::to_string(q1 - q0) + ", " + std::to_string(q2 - q1) + ", " + std::to_string(q3 - q2));
+
+  // the emulated TF32 (math mode on the handle, CUBLAS_COMPUTE_32F) rounds float32 inputs
+  const float a = 1.0f + std::ldexp(1.0f, -20), b = 1.0f, alpha = 1.0f, beta = 0.0f;
+  float c_full = 0, c_tf32 = 0;
+  cublasSetMathMode(kHandle, CUBLAS_DEFAULT_MATH);
+  cublasSetPointerMode(kHandle, CUBLAS_POINTER_MODE_HOST);
+  cublasGemmEx(kHandle, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &alpha, &a, CUDA_R_32F, 1, &b, CUDA_R_32F, 1, &beta, &c_full,
+               CUDA_R_32F, 1, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  cublasSetMathMode(kHandle, CUBLAS_TF32_TENSOR_OP_MATH);
+  cublasGemmEx(kHandle, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &alpha, &a, CUDA_R_32F, 1, &b, CUDA_R_32F, 1, &beta, &c_tf32,
+               CUDA_R_32F, 1, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  cublasSetMathMode(kHandle, CUBLAS_DEFAULT_MATH);
+  check(c_full == a && c_tf32 == 1.0f, "the emulated cuBLAS applies TF32 when the handle allows it");
+  return failures;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -374,9 +569,10 @@ int main(int argc, char** argv) {
   cases.push_back({{5, 20}, 3, 8, 24, "sequence", 1, "LILY_CUDA_SCRATCH_BYTES=5000"});
   cases.push_back({{6, 3, 4}, 2, 6, 10, "sequence", 0, "LILY_CUDA_SCRATCH_BYTES=3000"});
   cases.push_back({{100}, 2, 8, 24, "batch", 0, "LILY_CUDA_SCRATCH_BYTES=100"});
-  cases.push_back({{150}, 2, 16, 136, "token", 0, "EMU_CC=75"});  // bf16 without tensor cores: GEMM path
+  cases.push_back({{150}, 2, 16, 136, "token", 0, "EMU_DEVICE=1"});  // bf16 without tensor cores: GEMM path
 
-  int failures = run_mask_cases(), count = 12;
+  int policy_count = 0;
+  int failures = run_mask_cases() + run_policy_cases(&policy_count), count = 12 + policy_count;
   for (const Case& c : cases) {
     if (quick && c.lead.size() == 1 && c.lead[0] >= 130 && c.env == nullptr) continue;
     failures += !run_case<double>(c, 1e-10);

@@ -1,6 +1,10 @@
 // PyTorch CUDA kernels of lily::routed_mix: a thin wrapper over the
 // framework-free CUDA layer (csrc/cuda). Runs on the current stream with
-// torch's cuBLAS handle; scratch comes from the caching allocator.
+// torch's cuBLAS handle, fetched only for calls that make cuBLAS calls (the
+// small-N and tiled per-row forwards do not: decode-size calls skip the
+// handle lookup); the layer pins the handle's math mode for its GEMMs and puts
+// torch's back (precision policy: csrc/cuda/routed_mix_cuda.h). Scratch comes
+// from the caching allocator, and only when the call needs some.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty.h>
@@ -34,8 +38,17 @@ lily::cuda::DType cuda_dtype(at::ScalarType t) {
   TORCH_CHECK_VALUE(false, "hidden: unsupported dtype ", dtype_name(t));
 }
 
+// Scratch of `bytes` (none, not even a 0-byte tensor, when 0).
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  if (bytes == 0) return at::Tensor();
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+void* workspace_ptr(const at::Tensor& ws) { return ws.defined() ? ws.mutable_data_ptr() : nullptr; }
+size_t workspace_size(const at::Tensor& ws) { return ws.defined() ? static_cast<size_t>(ws.numel()) : 0; }
+
+cublasHandle_t blas_handle(const lily::cuda::CallPlan& plan) {
+  return plan.uses_blas ? at::cuda::getCurrentCUDABlasHandle() : nullptr;
 }
 
 const uint8_t* mask_ptr(const at::Tensor& m) {
@@ -52,11 +65,12 @@ at::Tensor routed_mix_cuda(const at::Tensor& hidden, const at::Tensor& router, c
   std::vector<int64_t> sizes = hidden.sizes().vec();
   sizes.back() = s.out;
   at::Tensor delta = at::empty(sizes, hidden.options());
-  const at::Tensor ws = workspace(lily::cuda::forward_workspace_bytes(s, dtype), hidden);
-  const std::string error = lily::cuda::routed_mix_forward(
-      s, dtype, scaling, h.const_data_ptr(), R.const_data_ptr(), B.const_data_ptr(), mask_ptr(m),
-      delta.mutable_data_ptr(), ws.numel() > 0 ? ws.mutable_data_ptr() : nullptr, static_cast<size_t>(ws.numel()),
-      c10::cuda::getCurrentCUDAStream(), at::cuda::getCurrentCUDABlasHandle());
+  const lily::cuda::CallPlan plan = lily::cuda::plan_forward_call(s, dtype);
+  const at::Tensor ws = workspace(plan.workspace_bytes, hidden);
+  const std::string error =
+      lily::cuda::routed_mix_forward(s, dtype, scaling, h.const_data_ptr(), R.const_data_ptr(), B.const_data_ptr(),
+                                     mask_ptr(m), delta.mutable_data_ptr(), workspace_ptr(ws), workspace_size(ws),
+                                     c10::cuda::getCurrentCUDAStream(), blas_handle(plan));
   TORCH_CHECK(error.empty(), "lily::routed_mix (CUDA): ", error);
   return delta;
 }
@@ -72,17 +86,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_mix_backward_cuda(
   at::Tensor dh = at::empty(hidden.sizes(), hidden.options());
   at::Tensor dR = at::empty(router.sizes(), router.options());
   at::Tensor dB = at::empty(bank.sizes(), bank.options());
-  const at::Tensor ws = workspace(lily::cuda::backward_workspace_bytes(s, dtype), hidden);
+  const lily::cuda::CallPlan plan = lily::cuda::plan_backward_call(s, dtype);
+  const at::Tensor ws = workspace(plan.workspace_bytes, hidden);
   const std::string error = lily::cuda::routed_mix_backward(
       s, dtype, scaling, G.const_data_ptr(), h.const_data_ptr(), R.const_data_ptr(), B.const_data_ptr(), mask_ptr(m),
-      dh.mutable_data_ptr(), dR.mutable_data_ptr(), dB.mutable_data_ptr(),
-      ws.numel() > 0 ? ws.mutable_data_ptr() : nullptr, static_cast<size_t>(ws.numel()),
-      c10::cuda::getCurrentCUDAStream(), at::cuda::getCurrentCUDABlasHandle());
+      dh.mutable_data_ptr(), dR.mutable_data_ptr(), dB.mutable_data_ptr(), workspace_ptr(ws), workspace_size(ws),
+      c10::cuda::getCurrentCUDAStream(), blas_handle(plan));
   TORCH_CHECK(error.empty(), "lily::routed_mix_backward (CUDA): ", error);
   return {dh, dR, dB};
 }
 
+// torch.ops.lily.reload_cuda_knobs(): reads LILY_CUDA_KRON / LILY_CUDA_SCRATCH_BYTES again (they are
+// read once per process otherwise), for tests and benchmarks that change them in-process.
+void reload_cuda_knobs() { lily::cuda::reload_knobs(); }
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lily, m) { m.def("reload_cuda_knobs() -> ()", &reload_cuda_knobs); }
 
 TORCH_LIBRARY_IMPL(lily, CUDA, m) {
   m.impl("routed_mix", &routed_mix_cuda);

@@ -20,6 +20,18 @@
 //   from the scratch, since a handle's default workspace would be shared by
 //   every stream the handle ever served. Calls whose shape needs no cuBLAS
 //   (small N, the tiled per-row kernel) borrow no handle.
+// - precision: pooled handles are created with the math mode of the precision
+//   policy (lily::cuda::kBlasMathMode: no TF32, no reduced-precision split-K
+//   reductions for float16 / bfloat16), and the CUDA layer pins that mode for
+//   each call as well: ORT runs the same math as the torch op
+//   (routed_mix_cuda.h).
+// - cuBLAS workspace: each call binds NVIDIA's recommended size (32 MiB on
+//   Hopper and later, 4 MiB before) from its own scratch, whatever the shape.
+//   That bound is per call, not per stream: N concurrent Compute calls hold N
+//   such workspaces for their duration (ORT's arena reuses them afterwards).
+//   It keeps concurrent calls bitwise equal to a lone one (cuBLAS picks its
+//   algorithm, and so its reduction order, partly by the workspace it is
+//   given, so every call gets the same size), at the price of that memory.
 //
 // Every CUDA / cuBLAS status is checked and becomes an ORT error status.
 #include <cublas_v2.h>
@@ -92,6 +104,12 @@ class HandlePool {
     }
     cublasHandle_t handle = nullptr;  // created outside the lock: cublasCreate is slow
     check_blas(cublasCreate(&handle), "cublasCreate");
+    // the precision policy, explicitly (the CUDA layer also pins it per call)
+    const cublasStatus_t status = cublasSetMathMode(handle, lily::cuda::kBlasMathMode);
+    if (status != CUBLAS_STATUS_SUCCESS) {
+      cublasDestroy(handle);
+      check_blas(status, "cublasSetMathMode");
+    }
     return handle;
   }
 
@@ -238,8 +256,9 @@ void compute_routed_mix_cuda(const RoutedMixKernel& k, OrtKernelContext* context
   const DeviceScope device_scope(device);  // the sizes below depend on the current device
   // One scratch block, 256-byte aligned pieces: [byte mask | kernel workspace | cuBLAS workspace].
   const size_t mask_bytes = call.has_mask ? align256(static_cast<size_t>(s.rows)) : 0;
-  const size_t kernel_bytes = align256(lily::cuda::forward_workspace_bytes(s, dtype));
-  const size_t blas_bytes = lily::cuda::forward_blas_workspace_bytes(s, dtype);
+  const lily::cuda::CallPlan plan = lily::cuda::plan_forward_call(s, dtype);
+  const size_t kernel_bytes = align256(plan.workspace_bytes);
+  const size_t blas_bytes = plan.uses_blas ? plan.blas_workspace_bytes : 0;
   const Scratch scratch(api, context, out_memory, mask_bytes + kernel_bytes + blas_bytes);
 
   uint8_t* mask = nullptr;

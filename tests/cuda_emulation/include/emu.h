@@ -70,6 +70,21 @@ inline thread_local Block* tl_current = nullptr;
 inline dim3 g_grid, g_block;
 inline int64_t g_launches = 0, g_threads = 0;
 
+// The runtime's per-thread error state (the harness is single-threaded on the
+// host side): cudaGetLastError returns and clears the pending error unless it
+// is sticky (then every later call keeps returning it), cudaPeekAtLastError
+// returns it without clearing (emu_runtime.cpp). g_fail_next_launch makes the
+// next launch fail with that error without running (set by the harness).
+inline cudaError_t g_pending_error = cudaSuccess;
+inline bool g_pending_sticky = false;
+inline cudaError_t g_fail_next_launch = cudaSuccess;
+
+inline void set_error(cudaError_t e, bool sticky) {
+  if (g_pending_sticky) return;  // a sticky error is never replaced
+  g_pending_error = e;
+  g_pending_sticky = sticky;
+}
+
 inline unsigned char* dynamic_smem() { return tl_current->dynamic_smem.data(); }
 
 // Persistent workers, one per CUDA thread of a block (thread creation would
@@ -139,6 +154,14 @@ void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*kernel)(P..
     std::fprintf(stderr, "emu: invalid launch configuration grid (%u, %u, %u) block %u smem %zu\n", grid.x, grid.y,
                  grid.z, block.x, smem);
     std::abort();
+  }
+  if (g_pending_sticky) return;  // a dead context runs nothing; the check after the launch reports it
+  if (g_fail_next_launch != cudaSuccess) {
+    const cudaError_t e = g_fail_next_launch;
+    g_fail_next_launch = cudaSuccess;
+    // launch errors are not sticky; an asynchronous fault surfacing here is
+    set_error(e, e == cudaErrorIllegalAddress || e == cudaErrorLaunchFailure);
+    return;
   }
   g_grid = grid;
   g_block = block;
