@@ -20,8 +20,12 @@ def global_batch():
 
 def make_model(routing):
     torch.manual_seed(5)
-    return lily_ext.get_lily_model(tiny_bert(), lily_ext.LilyConfig(
-        r=4, num_B=3, stride_A=2, target_modules=["query", "value"], routing=routing, init_weights=False))
+    return lily_ext.get_lily_model(
+        tiny_bert(),
+        lily_ext.LilyConfig(
+            r=4, num_B=3, stride_A=2, target_modules=["query", "value"], routing=routing, init_weights=False
+        ),
+    )
 
 
 def train(model, batch):
@@ -33,8 +37,11 @@ def train(model, batch):
 
 
 def trained_params(model):
-    return {n: p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def single_process(routing):

@@ -8,11 +8,10 @@ the mean over the call, which differs per rank, so it is only consistent across 
 
 import tempfile
 
+import distributed_worker as w
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-import distributed_worker as w
 
 
 def run(routing, wrapper, tmp_path):
