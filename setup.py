@@ -76,8 +76,8 @@ def build_extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     print(f"lily_ext: CUDA kernels {'on' if use_cuda else 'off'} ({reason})")
-    # The torch build takes its GEMMs from ATen, so the portable cpu_gemm.cpp (for ORT) stays out.
-    sources = ["csrc/lily/cpu_primitives.cpp"] + sorted(glob.glob("csrc/torch/*.cpp"))
+    # One CPU GEMM (cpu_gemm.cpp) for the torch op and the ORT op: thread-count independent results.
+    sources = ["csrc/lily/cpu_gemm.cpp", "csrc/lily/cpu_primitives.cpp"] + sorted(glob.glob("csrc/torch/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     macros = []
     extension = CppExtension

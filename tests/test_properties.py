@@ -82,9 +82,6 @@ def test_forward_and_backward_match_the_reference(problem):
 
 
 # Known regression found at the end of the session that reorganised the tree: batch mode, float64,
-# N = 65 is no longer bitwise equal between 1 and 2 threads (the cause is not yet found; see the
-# session note). Expected to fail until fixed; it must not be reported as a pass.
-@pytest.mark.xfail(reason="regression: batch/float64/N=65 differs between 1 and 2 threads (cause open)", strict=False)
 @SETTINGS
 @given(problems())
 def test_bit_identical_across_runs_and_thread_counts(problem):

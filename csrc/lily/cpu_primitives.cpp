@@ -20,37 +20,50 @@ namespace lily {
 namespace cpu {
 namespace {
 
-template <typename T>
+// Bytes: the vector width the loops are written over. 64 everywhere except in
+// gemm_small / gemm_small_nt, whose register tiles are sized per x86-64 level.
+template <typename T, int Bytes = 64>
 struct Simd {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t width = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int64_t width = Bytes / sizeof(T);
   static LILY_INLINE type load(const T* p) {
     type v;
     std::memcpy(&v, p, sizeof(v));
     return v;
   }
   static LILY_INLINE void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
-  // Horizontal sum by halving (fixed order, so deterministic).
+  // Horizontal sum by halving down to 16 bytes, then in lane order (fixed order, so deterministic).
   static LILY_INLINE T sum(type v) {
-    typedef T half __attribute__((vector_size(32)));
     typedef T quarter __attribute__((vector_size(16)));
-    half h0, h1;
-    std::memcpy(&h0, &v, sizeof(h0));
-    std::memcpy(&h1, reinterpret_cast<const char*>(&v) + sizeof(h0), sizeof(h1));
-    h0 += h1;
-    quarter q0, q1;
-    std::memcpy(&q0, &h0, sizeof(q0));
-    std::memcpy(&q1, reinterpret_cast<const char*>(&h0) + sizeof(q0), sizeof(q1));
-    q0 += q1;
+    quarter q;
+    if constexpr (Bytes == 64) {
+      typedef T half __attribute__((vector_size(32)));
+      half h0, h1;
+      std::memcpy(&h0, &v, sizeof(h0));
+      std::memcpy(&h1, reinterpret_cast<const char*>(&v) + sizeof(h0), sizeof(h1));
+      h0 += h1;
+      quarter q1;
+      std::memcpy(&q, &h0, sizeof(q));
+      std::memcpy(&q1, reinterpret_cast<const char*>(&h0) + sizeof(q), sizeof(q1));
+      q += q1;
+    } else if constexpr (Bytes == 32) {
+      quarter q1;
+      std::memcpy(&q, &v, sizeof(q));
+      std::memcpy(&q1, reinterpret_cast<const char*>(&v) + sizeof(q), sizeof(q1));
+      q += q1;
+    } else {
+      static_assert(Bytes == 16, "Simd: 16, 32 or 64 bytes");
+      std::memcpy(&q, &v, sizeof(q));
+    }
     T s = 0;
-    for (size_t l = 0; l < sizeof(q0) / sizeof(T); ++l) s += q0[l];
+    for (size_t l = 0; l < sizeof(q) / sizeof(T); ++l) s += q[l];
     return s;
   }
 };
 
-template <typename T>
+template <typename T, int Bytes = 64>
 LILY_INLINE T dot(const T* x, const T* y, int64_t n) {
-  using S = Simd<T>;
+  using S = Simd<T, Bytes>;
   typename S::type acc = {};
   int64_t i = 0;
   for (; i + S::width <= n; i += S::width) acc += S::load(x + i) * S::load(y + i);
@@ -135,66 +148,78 @@ LILY_INLINE void combine_bank_impl(const T* weights, const T* bank, int64_t expe
   }
 }
 
-// Register-tiled C = alpha * A @ B for a block of at most two vectors of
-// columns: four rows share each B load. The B panel is first copied to a
-// contiguous buffer: rows of B a power-of-two apart (out = 1024 floats is 4 KiB)
-// would all land in the same L1 sets and evict each other.
-template <typename T>
-LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row, int64_t a_col,
-                                 const T* B, int64_t ldb, T* C, int64_t ldc) {
-  using S = Simd<T>;
+// Register-tiled C = alpha * A @ B for one block of two vectors of columns:
+// four rows share each B load (4 x 2 accumulators: 8 of the 16 AVX2 / SSE2
+// registers at 32 / 16 bytes, 8 of 32 at 64 bytes with AVX-512). The B panel is
+// first copied to a contiguous buffer: rows of B a power-of-two apart (out =
+// 1024 floats is 4 KiB) would all land in the same L1 sets and evict each other.
+template <typename T, int Bytes>
+LILY_INLINE void gemm_small_block(int64_t M, int64_t K, T alpha, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                                  int64_t ldb, T* C, int64_t ldc) {
+  using S = Simd<T, Bytes>;
   using V = typename S::type;
   constexpr int64_t W = S::width;
-  if (cols == 2 * W) {
-    thread_local std::vector<T> panel;
-    if (ldb != 2 * W && M >= 8) {
-      panel.resize(static_cast<size_t>(K * 2 * W));
-      for (int64_t k = 0; k < K; ++k) std::memcpy(panel.data() + k * 2 * W, B + k * ldb, sizeof(T) * 2 * W);
-      B = panel.data();
-      ldb = 2 * W;
-    }
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-      const T* a0 = A + m * a_row;
-      const T* a1 = a0 + a_row;
-      const T* a2 = a1 + a_row;
-      const T* a3 = a2 + a_row;
-      V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const V b0 = S::load(B + k * ldb);
-        const V b1 = S::load(B + k * ldb + W);
-        const int64_t ak = k * a_col;
-        c00 += a0[ak] * b0;
-        c01 += a0[ak] * b1;
-        c10 += a1[ak] * b0;
-        c11 += a1[ak] * b1;
-        c20 += a2[ak] * b0;
-        c21 += a2[ak] * b1;
-        c30 += a3[ak] * b0;
-        c31 += a3[ak] * b1;
-      }
-      T* c = C + m * ldc;
-      S::store(c, alpha * c00);
-      S::store(c + W, alpha * c01);
-      S::store(c + ldc, alpha * c10);
-      S::store(c + ldc + W, alpha * c11);
-      S::store(c + 2 * ldc, alpha * c20);
-      S::store(c + 2 * ldc + W, alpha * c21);
-      S::store(c + 3 * ldc, alpha * c30);
-      S::store(c + 3 * ldc + W, alpha * c31);
-    }
-    for (; m < M; ++m) {
-      const T* a = A + m * a_row;
-      V c0 = {}, c1 = {};
-      for (int64_t k = 0; k < K; ++k) {
-        c0 += a[k * a_col] * S::load(B + k * ldb);
-        c1 += a[k * a_col] * S::load(B + k * ldb + W);
-      }
-      S::store(C + m * ldc, alpha * c0);
-      S::store(C + m * ldc + W, alpha * c1);
-    }
-    return;
+  thread_local std::vector<T> panel;
+  if (ldb != 2 * W && M >= 8) {
+    panel.resize(static_cast<size_t>(K * 2 * W));
+    for (int64_t k = 0; k < K; ++k) std::memcpy(panel.data() + k * 2 * W, B + k * ldb, sizeof(T) * 2 * W);
+    B = panel.data();
+    ldb = 2 * W;
   }
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    const T* a0 = A + m * a_row;
+    const T* a1 = a0 + a_row;
+    const T* a2 = a1 + a_row;
+    const T* a3 = a2 + a_row;
+    V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const V b0 = S::load(B + k * ldb);
+      const V b1 = S::load(B + k * ldb + W);
+      const int64_t ak = k * a_col;
+      c00 += a0[ak] * b0;
+      c01 += a0[ak] * b1;
+      c10 += a1[ak] * b0;
+      c11 += a1[ak] * b1;
+      c20 += a2[ak] * b0;
+      c21 += a2[ak] * b1;
+      c30 += a3[ak] * b0;
+      c31 += a3[ak] * b1;
+    }
+    T* c = C + m * ldc;
+    S::store(c, alpha * c00);
+    S::store(c + W, alpha * c01);
+    S::store(c + ldc, alpha * c10);
+    S::store(c + ldc + W, alpha * c11);
+    S::store(c + 2 * ldc, alpha * c20);
+    S::store(c + 2 * ldc + W, alpha * c21);
+    S::store(c + 3 * ldc, alpha * c30);
+    S::store(c + 3 * ldc + W, alpha * c31);
+  }
+  for (; m < M; ++m) {
+    const T* a = A + m * a_row;
+    V c0 = {}, c1 = {};
+    for (int64_t k = 0; k < K; ++k) {
+      c0 += a[k * a_col] * S::load(B + k * ldb);
+      c1 += a[k * a_col] * S::load(B + k * ldb + W);
+    }
+    S::store(C + m * ldc, alpha * c0);
+    S::store(C + m * ldc + W, alpha * c1);
+  }
+}
+
+// C[M, cols] = alpha * A @ B: whole two-vector blocks, then the ragged rest.
+template <typename T, int Bytes>
+LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row, int64_t a_col,
+                                 const T* B, int64_t ldb, T* C, int64_t ldc) {
+  constexpr int64_t W = Simd<T, Bytes>::width;
+  int64_t c0 = 0;
+  for (; c0 + 2 * W <= cols; c0 += 2 * W)
+    gemm_small_block<T, Bytes>(M, K, alpha, A, a_row, a_col, B + c0, ldb, C + c0, ldc);
+  if (c0 == cols) return;
+  B += c0;
+  C += c0;
+  cols -= c0;
   // Ragged last block: only `cols` columns of B may be read.
   T acc[2 * W];
   for (int64_t m = 0; m < M; ++m) {
@@ -211,10 +236,10 @@ LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, co
 // C = alpha * A @ B^T as dot products, tiled 4 rows of A x 2 rows of B so
 // that each load feeds two or four FMAs. The A tile (4 rows) stays in L1 while
 // every row of B streams past it once.
-template <typename T>
+template <typename T, int Bytes>
 LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
                                     int64_t ldb, T* C, int64_t ldc) {
-  using S = Simd<T>;
+  using S = Simd<T, Bytes>;
   using V = typename S::type;
   constexpr int64_t W = S::width;
   const int64_t kv = K - K % W;
@@ -250,10 +275,10 @@ LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, co
       }
     }
     for (; n < N; ++n)
-      for (int i = 0; i < 4; ++i) C[(m + i) * ldc + n] = alpha * dot(a[i], B + n * ldb, K);
+      for (int i = 0; i < 4; ++i) C[(m + i) * ldc + n] = alpha * dot<T, Bytes>(a[i], B + n * ldb, K);
   }
   for (; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = alpha * dot(A + m * lda, B + n * ldb, K);
+    for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = alpha * dot<T, Bytes>(A + m * lda, B + n * ldb, K);
 }
 
 template <typename T>
@@ -336,6 +361,50 @@ LILY_INLINE void router_backward_impl(const T* hidden, const T* probs, const T* 
 
 }  // namespace
 
+// The small GEMMs' register tiles must fit the register file (32 x 64-byte
+// registers with AVX-512, 16 x 32-byte with AVX2, 16 x 16-byte with SSE2):
+// 64-byte vectors on an AVX2 host spill every accumulator (measured 20x
+// slower), and target_clones cannot vary the width per clone, so each x86-64
+// level gets its own instantiation (target("...") overloads, as in cpu_gemm.cpp).
+#define LILY_SMALL_ARGS(T)                                                                                        \
+  int64_t M, int64_t K, int64_t cols, T alpha, const T *A, int64_t a_row, int64_t a_col, const T *B, int64_t ldb, \
+      T *C, int64_t ldc
+#define LILY_SMALL_PASS M, K, cols, alpha, A, a_row, a_col, B, ldb, C, ldc
+#define LILY_SMALL_NT_ARGS(T) \
+  int64_t M, int64_t N, int64_t K, T alpha, const T *A, int64_t lda, const T *B, int64_t ldb, T *C, int64_t ldc
+#define LILY_SMALL_NT_PASS M, N, K, alpha, A, lda, B, ldb, C, ldc
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__) && \
+    !defined(LILY_NO_MULTIVERSION)
+#define LILY_DEFINE_SMALL_KERNELS(T)                                                      \
+  __attribute__((target("arch=x86-64-v4"))) void small_kernel(LILY_SMALL_ARGS(T)) {       \
+    gemm_small_impl<T, 64>(LILY_SMALL_PASS);                                              \
+  }                                                                                       \
+  __attribute__((target("arch=x86-64-v3"))) void small_kernel(LILY_SMALL_ARGS(T)) {       \
+    gemm_small_impl<T, 32>(LILY_SMALL_PASS);                                              \
+  }                                                                                       \
+  __attribute__((target("default"))) void small_kernel(LILY_SMALL_ARGS(T)) {              \
+    gemm_small_impl<T, 16>(LILY_SMALL_PASS);                                              \
+  }                                                                                       \
+  __attribute__((target("arch=x86-64-v4"))) void small_nt_kernel(LILY_SMALL_NT_ARGS(T)) { \
+    gemm_small_nt_impl<T, 64>(LILY_SMALL_NT_PASS);                                        \
+  }                                                                                       \
+  __attribute__((target("arch=x86-64-v3"))) void small_nt_kernel(LILY_SMALL_NT_ARGS(T)) { \
+    gemm_small_nt_impl<T, 32>(LILY_SMALL_NT_PASS);                                        \
+  }                                                                                       \
+  __attribute__((target("default"))) void small_nt_kernel(LILY_SMALL_NT_ARGS(T)) {        \
+    gemm_small_nt_impl<T, 16>(LILY_SMALL_NT_PASS);                                        \
+  }
+#else
+#define LILY_DEFINE_SMALL_KERNELS(T)                                                 \
+  void small_kernel(LILY_SMALL_ARGS(T)) { gemm_small_impl<T, 16>(LILY_SMALL_PASS); } \
+  void small_nt_kernel(LILY_SMALL_NT_ARGS(T)) { gemm_small_nt_impl<T, 16>(LILY_SMALL_NT_PASS); }
+#endif
+
+namespace {
+LILY_DEFINE_SMALL_KERNELS(float)
+LILY_DEFINE_SMALL_KERNELS(double)
+}  // namespace
+
 #define LILY_DEFINE_PRIMITIVES(T)                                                                                      \
   LILY_MULTIVERSION void router_softmax(const T* hidden, int64_t rows, int64_t rank, const T* router, int64_t experts, \
                                         T* probs) {                                                                    \
@@ -345,13 +414,13 @@ LILY_INLINE void router_backward_impl(const T* hidden, const T* probs, const T* 
                                       int64_t i0, int64_t i1, int64_t c0, int64_t cols, T* dst, int64_t ld_dst) {      \
     combine_bank_impl(weights, bank, experts, rank, out, i0, i1, c0, cols, dst, ld_dst);                               \
   }                                                                                                                    \
-  LILY_MULTIVERSION void gemm_small(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row,            \
-                                    int64_t a_col, const T* B, int64_t ldb, T* C, int64_t ldc) {                       \
-    gemm_small_impl(M, K, cols, alpha, A, a_row, a_col, B, ldb, C, ldc);                                               \
+  void gemm_small(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row, int64_t a_col, const T* B,   \
+                  int64_t ldb, T* C, int64_t ldc) {                                                                    \
+    small_kernel(M, K, cols, alpha, A, a_row, a_col, B, ldb, C, ldc);                                                  \
   }                                                                                                                    \
-  LILY_MULTIVERSION void gemm_small_nt(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,  \
-                                       int64_t ldb, T* C, int64_t ldc) {                                               \
-    gemm_small_nt_impl(M, N, K, alpha, A, lda, B, ldb, C, ldc);                                                        \
+  void gemm_small_nt(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, \
+                     int64_t ldc) {                                                                                    \
+    small_nt_kernel(M, N, K, alpha, A, lda, B, ldb, C, ldc);                                                           \
   }                                                                                                                    \
   LILY_MULTIVERSION void bank_grad(const T* weights, const T* dcomb, const T* bank, int64_t experts, int64_t plane,    \
                                    int64_t j0, int64_t j1, bool accumulate, T* dbank, T* dweights, T* comb) {          \

@@ -4,18 +4,21 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <string>
 
+#include "../lily/cpu_gemm.h"
 #include "../lily/cpu_routed_mix.h"
 #include "routed_mix_checks.h"
 
 namespace lily_torch {
 namespace {
 
-// Large GEMMs go to ATen's BLAS (MKL / OpenBLAS) through non-owning views.
+// The large GEMMs go to the same blocked GEMM as the ONNX Runtime binding
+// (csrc/lily/cpu_gemm.h), not to ATen's BLAS: MKL splits the reduction over
+// rows (h^T G) between threads for small outputs, so its results change with
+// torch.set_num_threads; cpu_gemm sums every element in one fixed order.
 struct TorchCpuBackend {
   template <class F>
   void parallel_for(int64_t n, const F& f) const {
@@ -25,36 +28,15 @@ struct TorchCpuBackend {
   template <typename T>
   void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
             int64_t ldb, T beta, T* C, int64_t ldc) const {
-    if (M == 0 || N == 0) return;
-    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-    if (K == 0) {
-      beta == T(0) ? c.zero_() : c.mul_(beta);
-      return;
-    }
-    auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-      return trans ? at::from_blob(const_cast<T*>(p), {rows, cols}, {1, ld}, opts)
-                   : at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, opts);
-    };
-    c.addmm_(view(A, M, K, lda, trans_a), view(B, K, N, ldb, trans_b), beta, alpha);
+    lily::cpu::blocked_gemm(*this, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 
   template <typename T>
   void gemm_batched(bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
                     int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b, T* C, int64_t ldc,
                     int64_t stride_c) const {
-    if (batch == 0 || M == 0 || N == 0) return;
-    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    at::Tensor c = at::from_blob(C, {batch, M, N}, {stride_c, ldc, 1}, opts);
-    if (K == 0) {
-      c.zero_();
-      return;
-    }
-    auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, int64_t stride, bool trans) {
-      return trans ? at::from_blob(const_cast<T*>(p), {batch, rows, cols}, {stride, 1, ld}, opts)
-                   : at::from_blob(const_cast<T*>(p), {batch, rows, cols}, {stride, ld, 1}, opts);
-    };
-    c.baddbmm_(view(A, M, K, lda, stride_a, trans_a), view(B, K, N, ldb, stride_b, trans_b), T(0), alpha);
+    lily::cpu::blocked_gemm_batched(*this, trans_a, trans_b, batch, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b,
+                                    C, ldc, stride_c);
   }
 };
 
