@@ -78,7 +78,7 @@ def freeze_router(model: LilyModel, batches: Iterable, adapter_name: str | None 
                 bank,
                 scaling=scaling,
                 mode=routing,
-                mask=layer.sequence_mask(hidden) if routing == "sequence" else None,
+                mask=layer.sequence_mask(hidden, routing) if routing in ("sequence", "causal") else None,
             )
             theta = torch.log(weights[path].clamp_min(1e-300)).to(hidden.dtype).to(hidden.device)
             frozen = routed_mix(hidden, theta, bank, scaling=scaling, mode="static")

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-ROUTINGS = ("batch", "sequence", "token", "static")
+ROUTINGS = ("batch", "sequence", "token", "static", "causal")
 
 
 @dataclass
@@ -27,7 +27,9 @@ class LilyConfig:
         init_weights: A and routers Kaiming-uniform, B zeros (adapter starts as a no-op); False
             initialises B Kaiming-uniform too.
         routing: ``"batch"`` (PEFT's math), ``"sequence"`` (per-sample, batch-invariant with the
-            attention mask), ``"token"`` or ``"static"`` (learned input-independent weights; mergeable).
+            attention mask), ``"token"``, ``"static"`` (learned input-independent weights; mergeable) or
+            ``"causal"`` (per sample, the running mean over its tokens so far: safe for decoders, exact
+            under a KV cache; the decoding state travels with the generation's cache).
     """
 
     r: int = 32

@@ -60,7 +60,7 @@ def register_onnx_schema() -> None:
                 P(
                     "mask",
                     "M",
-                    "sequence mode: hidden.shape[:-1], nonzero = token counts",
+                    "sequence and causal modes: hidden.shape[:-1], nonzero = token counts",
                     param_option=OpSchema.FormalParameterOption.Optional,
                 ),
             ],
@@ -72,7 +72,7 @@ def register_onnx_schema() -> None:
             attributes=[
                 OpSchema.Attribute("scaling", onnx.helper.make_attribute("scaling", 1.0), "multiplier of the delta"),
                 OpSchema.Attribute(
-                    "mode", onnx.helper.make_attribute("mode", "batch"), "batch | sequence | token | static"
+                    "mode", onnx.helper.make_attribute("mode", "batch"), "batch | sequence | token | static | causal"
                 ),
             ],
         )

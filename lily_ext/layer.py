@@ -9,14 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .causal import CausalStateError, RoutingContext
 from .ops import routed_mix
-
-
-class RoutingContext:
-    """Per-call state the model hands to its Lily layers (the attention mask for sequence routing)."""
-
-    def __init__(self):
-        self.mask = None
 
 
 class LilyLinear(nn.Module):
@@ -45,6 +39,7 @@ class LilyLinear(nn.Module):
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
         self._context = context
+        self.lily_path = ""  # the layer's path in the wrapped model (set by LilyModel): its causal state key
 
     def adapter_dtype(self) -> torch.dtype:
         # Like PEFT: adapters of a half-precision base model are kept in float32.
@@ -146,7 +141,7 @@ class LilyLinear(nn.Module):
         del self.lily_router[name]
         self.routing[name] = "static"
 
-    def sequence_mask(self, hidden: torch.Tensor):
+    def sequence_mask(self, hidden: torch.Tensor, routing: str = "sequence"):
         """The current call's attention mask for ``hidden``'s tokens (``hidden.shape[:-1]``), or None."""
         mask = self._context.mask
         if mask is None or tuple(mask.shape) == tuple(hidden.shape[:-1]):
@@ -160,7 +155,7 @@ class LilyLinear(nn.Module):
             # decoding with a KV cache: the mask covers past tokens too; the current ones are last
             return mask[:, -hidden.shape[1] :]
         raise ValueError(
-            f"sequence routing: the attention_mask has shape {list(mask.shape)} but this layer's input "
+            f"{routing} routing: the attention_mask has shape {list(mask.shape)} but this layer's input "
             f"is {list(hidden.shape[:-1])} tokens; pass a [batch, seq] mask that matches the input"
         )
 
@@ -172,11 +167,64 @@ class LilyLinear(nn.Module):
         A = self.lily_A[name].weight
         hidden = F.linear(x.to(A.dtype), A)
         routing = self.routing[name]
-        mask = self.sequence_mask(hidden) if routing == "sequence" else None
-        delta = routed_mix(
-            hidden, self.router(name), self.bank(name), scaling=self.scaling[name], mode=routing, mask=mask
-        )
+        if routing == "causal":
+            delta = self._causal_mix(name, hidden)
+        else:
+            mask = self.sequence_mask(hidden) if routing == "sequence" else None
+            delta = routed_mix(
+                hidden, self.router(name), self.bank(name), scaling=self.scaling[name], mode=routing, mask=mask
+            )
         return result + delta.to(result.dtype)
+
+    # ---- causal routing: the op, or decoding from the state the KV cache carries ----------------
+
+    def _causal_mix(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
+        mask = self.sequence_mask(hidden, "causal")
+        router, scaling = self.lily_router[name].weight, self.scaling[name]
+        call = self._context.current()
+        state = call.causal_state() if call is not None else None
+        if state is None:  # no KV cache in play (training, a forward without use_cache)
+            return routed_mix(hidden, router, self.bank(name), scaling=scaling, mode="causal", mask=mask)
+        if hidden.dim() != 3:
+            raise CausalStateError(
+                f"routing='causal' with a KV cache: expected [batch, seq, features] layer inputs, got "
+                f"{hidden.dim()} dims ({list(hidden.shape[:-1])} tokens) at {self.lily_path or 'a Lily layer'}"
+            )
+        key = f"{self.lily_path}:{name}"
+        batch = hidden.shape[0]
+        acc = torch.float32 if hidden.device.type == "mps" else torch.float64  # running sums (MPS has no float64)
+        valid = (
+            torch.ones(hidden.shape[:-1], dtype=acc, device=hidden.device)
+            if mask is None
+            else (mask != 0).to(device=hidden.device, dtype=acc)
+        )
+        past = state.sums.get(key)
+        if past is None and call.past > 0:
+            raise CausalStateError(
+                f"routing='causal': the KV cache's causal routing state has no entry for layer {key!r} (adapter "
+                f"{name!r}); the cache was filled with another adapter active. Start from an empty cache"
+            )
+        if past is not None and past[0].shape[0] != batch:
+            raise CausalStateError(
+                f"routing='causal': the KV cache's causal routing state holds {past[0].shape[0]} samples but this "
+                f"call has {batch}; continue a cache with the batch that filled it"
+            )
+        if past is None:  # first tokens: the op (fast path), then the state from the same probabilities
+            delta = routed_mix(hidden, router, self.bank(name), scaling=scaling, mode="causal", mask=mask)
+            with torch.no_grad():
+                probs = torch.softmax(hidden.detach().to(acc) @ router.detach().to(acc).T, dim=-1)
+                state.sums[key] = ((probs * valid.unsqueeze(-1)).sum(1), valid.sum(1))
+            return delta
+        # continue the running means from the cached sums: C_t = C0 + sum_{u<=t} m_u P_u, n_t = n0 + sum m_u
+        C0, n0 = past
+        probs = torch.softmax(hidden.to(acc) @ router.to(acc).T, dim=-1)
+        C = C0.unsqueeze(1) + torch.cumsum(probs * valid.unsqueeze(-1), dim=1)
+        n = n0.unsqueeze(1) + torch.cumsum(valid, dim=1)
+        weights = (C / n.clamp_min(1.0).unsqueeze(-1)).to(hidden.dtype)  # 0 while n == 0 (C is 0 too)
+        E, r = weights.shape[-1], hidden.shape[-1]
+        z = (weights.unsqueeze(-1) * hidden.unsqueeze(-2)).reshape(*hidden.shape[:-1], E * r)
+        state.sums[key] = (C[:, -1].detach(), n[:, -1].detach())
+        return scaling * (z @ self.lily_B[name].weight)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, num_B={self.num_B[n]}, routing={self.routing[n]}" for n in self.r)

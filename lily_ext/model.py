@@ -4,25 +4,102 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import sys
+import warnings
 
 import torch
 from torch import nn
 
+from .causal import is_cache, track_cache
 from .checkpoint import adapter_dtype, assign_tensors, load_into, read_adapter, save_adapter
 from .config import LilyConfig
 from .layer import LilyLinear, ModulesToSave, RoutingContext
 from .peft_format import save_peft_adapter
 from .targets import ShareGroup, modules_to_save_paths, plan_adapter, set_module
 
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.? renamed past_key_values to cache
+
+
+def _find_argument(forward, args, kwargs, names, default=None):
+    """The first of ``names`` passed to ``forward`` (as a keyword, or bound from the positional args)."""
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    if args:
+        try:
+            bound = inspect.signature(forward).bind_partial(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            return default
+        for name in names:
+            if name in bound:
+                return bound[name]
+    return default
+
+
+_TAKES_CACHE: dict = {}
+
+
+def _takes_cache(forward) -> bool:
+    """Whether ``forward`` has a KV-cache parameter (so that a call may return a cache)."""
+    func = getattr(forward, "__func__", forward)
+    takes = _TAKES_CACHE.get(func)
+    if takes is None:
+        try:
+            parameters = inspect.signature(forward).parameters
+        except (TypeError, ValueError):
+            parameters = {}
+        takes = _TAKES_CACHE[func] = any(name in parameters for name in CACHE_ARGUMENTS)
+    return takes
+
 
 def _find_attention_mask(forward, args, kwargs):
-    if "attention_mask" in kwargs:
-        return kwargs["attention_mask"]
-    try:
-        bound = inspect.signature(forward).bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):
+    return _find_argument(forward, args, kwargs, ("attention_mask",))
+
+
+def _output_cache(output):
+    """The KV cache a model call returned (``output.cache`` / ``output.past_key_values``), or None."""
+    if isinstance(output, dict):  # transformers' ModelOutput
+        for name in CACHE_ARGUMENTS:
+            if is_cache(output.get(name)):
+                return output[name]
         return None
-    return bound.arguments.get("attention_mask")
+    if isinstance(output, (tuple, list)):
+        return next((item for item in output if is_cache(item)), None)
+    for name in CACHE_ARGUMENTS:
+        value = getattr(output, name, None)
+        if is_cache(value):
+            return value
+    return None
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside lily_ext, for a warning issued by the caller of this."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+class NonCausalRoutingWarning(UserWarning):
+    """Batch / sequence routing on a decoder: future tokens leak into earlier positions."""
+
+
+def is_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` looks like an autoregressive decoder (a causal LM, or a model that generates)."""
+    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    config = getattr(model, "config", None)
+    if config is not None and (getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False)):
+        return True
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate):
+        try:
+            return bool(can_generate())
+        except Exception:  # a foreign can_generate: no opinion
+            return False
+    return False
 
 
 class LilyModel(nn.Module):
@@ -48,11 +125,11 @@ class LilyModel(nn.Module):
         self.trainable: dict[str, bool] = {}
         self.active_adapter: str | None = None
         self._context = RoutingContext()
-        # Every call into the base model (direct, generate(), a Trainer) hands its attention
-        # mask to the layers, for sequence routing.
+        # Every call into the base model (direct, generate(), a Trainer) hands its attention mask
+        # (sequence / causal routing) and its KV cache (causal routing) to the layers.
         self._hooks = [
-            model.register_forward_pre_hook(self._capture_mask, with_kwargs=True),
-            model.register_forward_hook(self._release_mask, always_call=True),
+            model.register_forward_pre_hook(self._enter_call, with_kwargs=True),
+            model.register_forward_hook(self._leave_call, always_call=True),
         ]
         for p in model.parameters():
             p.requires_grad_(False)
@@ -69,11 +146,30 @@ class LilyModel(nn.Module):
 
     # ---- calling -------------------------------------------------------------------------
 
-    def _capture_mask(self, module, args, kwargs):
-        self._context.mask = _find_attention_mask(module.forward, args, kwargs)
+    def _enter_call(self, module, args, kwargs):
+        call = self._context.enter()  # first: the post-hook runs (and pops it) even if what follows raises
+        call.mask = _find_attention_mask(module.forward, args, kwargs)
+        call.tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        cache = _find_argument(module.forward, args, kwargs, CACHE_ARGUMENTS)
+        if cache is not None:
+            # (a legacy tuple cache: causal layers raise when they need its state)
+            call.cache, call.past, call.wants_state = cache, cache.get_seq_length() if is_cache(cache) else 0, True
+        elif not call.tracing and _takes_cache(module.forward):
+            use_cache = _find_argument(module.forward, args, kwargs, ("use_cache",))
+            if use_cache is None:
+                use_cache = getattr(getattr(module, "config", None), "use_cache", False)
+            call.wants_state = bool(use_cache)
 
-    def _release_mask(self, module, args, output):
-        self._context.mask = None
+    def _leave_call(self, module, args, output):
+        call = self._context.leave()
+        if call is None or call.state is None or not call.used:
+            return
+        cache = _output_cache(output)
+        if cache is None:
+            cache = call.cache
+        if cache is not None:
+            call.state.length = cache.get_seq_length()
+            track_cache(cache, call.state)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -99,6 +195,15 @@ class LilyModel(nn.Module):
             raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
         groups = plan_adapter(self.model, config)
         save_paths = modules_to_save_paths(self.model, config)
+        if config.routing in ("batch", "sequence") and is_decoder(self.model):
+            warnings.warn(
+                f"adapter {adapter_name!r}: routing={config.routing!r} on a decoder ({type(self.model).__name__}) averages "
+                "the router over whole sequences, so future tokens leak into earlier positions (a teacher-forced "
+                "forward is not causal) and KV-cache generation differs from the forward pass. Use "
+                'routing="causal" (exact with a KV cache), "token" or "static" for causal language models',
+                NonCausalRoutingWarning,
+                stacklevel=_caller_stacklevel(),
+            )
         for group in groups:
             shared_B = None
             for block in group.a_blocks(config.stride_A):
@@ -107,6 +212,7 @@ class LilyModel(nn.Module):
                     layer = self.model.get_submodule(path)
                     if not isinstance(layer, LilyLinear):
                         layer = LilyLinear(layer, self._context)
+                        layer.lily_path = path
                         set_module(self.model, path, layer)
                     layer.add_adapter(
                         adapter_name,

@@ -8,7 +8,11 @@ Math (docs/DESIGN.md): with ``h = hidden`` flattened to ``[N, r]``, router ``R [
 - ``sequence``: one ``w`` per sample: the masked mean over its tokens (``hidden [..., L, r]``;
   1-D/2-D inputs hold one token per sample); a fully masked sample gets a zero delta;
 - ``token``: ``w_n = softmax(h_n R^T)`` per row;
-- ``static``: ``w = softmax(theta)`` with ``router = theta [E]``, independent of the input.
+- ``static``: ``w = softmax(theta)`` with ``router = theta [E]``, independent of the input;
+- ``causal``: per sample (as ``sequence``) and token ``t``, the running mean of the router
+  probabilities of the sample's unmasked tokens ``u <= t``; zero delta before the first unmasked
+  token. No token sees a later one (safe for decoders) and a sample's output does not depend on
+  the rest of the batch; with a KV cache the running sum and count are the whole state.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 
 import torch
 
-MODES = ("batch", "sequence", "token", "static")
+MODES = ("batch", "sequence", "token", "static", "causal")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 __all__ = ["routed_mix", "reload_cuda_knobs", "MODES"]
@@ -64,8 +68,8 @@ def _check_args(hidden, router, bank, scaling, mode, mask) -> None:
         if router.dim() != 2 or tuple(router.shape) != (E, r):
             raise ValueError(f"router: expected shape [E, r] = [{E}, {r}], got shape {list(router.shape)}")
     if mask is not None:
-        if mode != "sequence":
-            raise ValueError(f"mask: only mode 'sequence' takes a mask, got mode {mode!r}")
+        if mode not in ("sequence", "causal"):
+            raise ValueError(f"mask: only modes 'sequence' and 'causal' take a mask, got mode {mode!r}")
         if mask.device != hidden.device:
             raise ValueError(f"mask: on device {mask.device} but hidden is on {hidden.device}")
         if mask.is_complex():
@@ -88,12 +92,13 @@ def routed_mix(
     """Routed B-bank mixing: ``[..., r] -> [..., out]``, differentiable in hidden, router and bank.
 
     Args:
-        hidden: ``[..., r]`` low-rank activations (``A x``); ``[S, L, r]`` for ``sequence``.
+        hidden: ``[..., r]`` low-rank activations (``A x``); ``[S, L, r]`` for ``sequence`` and ``causal``.
         router: ``[E, r]`` router weight, or ``theta [E]`` logits for ``static``.
         bank: ``[E, r, out]`` B experts.
         scaling: plain multiplier of the delta.
-        mode: ``"batch"``, ``"sequence"``, ``"token"`` or ``"static"``.
-        mask: ``sequence`` only; ``hidden.shape[:-1]``, nonzero marks tokens that count for routing.
+        mode: ``"batch"``, ``"sequence"``, ``"token"``, ``"static"`` or ``"causal"``.
+        mask: ``sequence`` and ``causal`` only; ``hidden.shape[:-1]``, nonzero marks tokens that count
+            for routing.
     """
     # Shapes, dtypes and devices are checked by the op itself (in C++, or by the fake kernel when traced).
     return torch.ops.lily.routed_mix.default(hidden, router, bank, _check_scaling(scaling), mode, mask)
@@ -161,7 +166,13 @@ def routed_mix_decomposed(hidden, router, bank, *, scaling=1.0, mode="batch", ma
             weights = (probs * valid).sum(dim=-2) / valid.sum(dim=-2).clamp_min(1.0)
         combined = (weights @ flat).reshape(*weights.shape[:-1], r, out)
         return (hidden @ combined) * scaling
-    if mask is not None:  # sequence samples of one token each
+    if mode == "causal" and hidden.dim() >= 3:
+        # running sums along the tokens: a cumulative sum, then the mean so far (0 before any token counts)
+        valid = torch.ones_like(probs[..., :1]) if mask is None else (mask != 0).to(probs.dtype).unsqueeze(-1)
+        weights = torch.cumsum(probs * valid, dim=-2) / torch.cumsum(valid, dim=-2).clamp_min(1.0)
+        z = (weights.unsqueeze(-1) * hidden.unsqueeze(-2)).reshape(*hidden.shape[:-1], E * r)
+        return (z @ bank.reshape(E * r, out)) * scaling
+    if mask is not None:  # sequence / causal samples of one token each
         probs = probs * (mask != 0).to(probs.dtype).unsqueeze(-1)
     z = (probs.unsqueeze(-1) * hidden.unsqueeze(-2)).reshape(*hidden.shape[:-1], E * r)
     return (z @ bank.reshape(E * r, out)) * scaling

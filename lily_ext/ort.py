@@ -6,7 +6,7 @@ execution provider. When built with CUDA (``library_has_cuda()``), ``liblily_ort
 registers it for the CPU and the CUDA execution provider (``ort_library_path(cuda=True)``;
 ``ort_session`` picks it when the providers include CUDA). Inputs ``hidden [..., r]``,
 ``router [E, r]`` (``theta [E]`` for mode
-``static``), ``bank [E, r, out]``, optional ``mask`` (mode ``sequence``, shape
+``static``), ``bank [E, r, out]``, optional ``mask`` (modes ``sequence``, ``causal``; shape
 ``hidden.shape[:-1]``, any bool/int/float type, nonzero counts); attributes ``scaling`` (float,
 default 1.0) and ``mode`` (string, default ``"batch"``); output ``delta [..., out]`` with hidden's
 type (float32, float64, float16, bfloat16; half precision is computed in float32). The CUDA kernels

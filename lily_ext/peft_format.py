@@ -51,8 +51,8 @@ def save_peft_adapter(model, path, adapter_name: str | None = None) -> None:
     config = model.configs[name]
     if config.routing != "batch":
         raise ValueError(
-            f"save_peft_adapter: PEFT's Lily has batch routing only; this adapter uses routing={config.routing!r} "
-            "(save it with save_adapter instead)"
+            f"save_peft_adapter: PEFT's Lily has batch routing only; this adapter uses routing={config.routing!r}, "
+            "which PEFT would silently run as batch routing (save it with save_adapter instead)"
         )
     ours = adapter_tensors(model, name)
     state = {}

@@ -4,6 +4,7 @@ make PEFT's own Lily layers compute through lily_ext.ops (``patch_peft``)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from .checkpoint import AdapterLoadError, assign_tensors
+from .config import ROUTINGS
 from .model import LilyModel
 from .ops import routed_mix
 from .peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAMES, PREFIX, config_from_peft, save_peft_adapter
@@ -35,11 +37,27 @@ def _saved_modules_from_keys(base_model: nn.Module, keys) -> list[str]:
     return paths
 
 
+def _routing_override(routing):
+    """Checks the ``routing`` a PEFT adapter is converted to (None: PEFT's batch routing)."""
+    if routing is None:
+        return None
+    if routing == "static":
+        raise ValueError(
+            "routing: a PEFT Lily adapter has per-layer routers; convert it with a router-based routing "
+            "('batch', 'sequence', 'token' or 'causal'), then lily_ext.freeze_router(model, batches) for static"
+        )
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing: expected one of {', '.join(map(repr, ROUTINGS))} or None, got {routing!r}")
+    return routing
+
+
 def _from_peft_state(
-    base_model: nn.Module, fields: dict, state: dict, adapter_name: str, is_trainable: bool
+    base_model: nn.Module, fields: dict, state: dict, adapter_name: str, is_trainable: bool, routing=None
 ) -> LilyModel:
     """Builds a LilyModel from PEFT's state-dict layout, after checking it fully."""
     config = config_from_peft(fields, _saved_modules_from_keys(base_model, state))
+    if routing is not None:
+        config = dataclasses.replace(config, routing=routing)
     try:
         groups = plan_adapter(base_model, config)
         save_paths = modules_to_save_paths(base_model, config)
@@ -95,9 +113,13 @@ def _from_peft_state(
 
 
 def load_peft_adapter(
-    base_model: nn.Module, peft_dir, adapter_name: str = "default", is_trainable: bool = False
+    base_model: nn.Module, peft_dir, adapter_name: str = "default", is_trainable: bool = False, *, routing=None
 ) -> LilyModel:
-    """Loads a Lily adapter directory written by PEFT's ``save_pretrained`` onto ``base_model``."""
+    """Loads a Lily adapter directory written by PEFT's ``save_pretrained`` onto ``base_model``.
+
+    ``routing``: as in ``from_peft`` (None keeps PEFT's ``"batch"``).
+    """
+    routing = _routing_override(routing)
     peft_dir = Path(peft_dir)
     config_file = peft_dir / PEFT_CONFIG_NAME
     if not config_file.is_file():
@@ -118,7 +140,7 @@ def load_peft_adapter(
             state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors / pickle errors have no common base class
         raise AdapterLoadError(f"{weights.name}: unreadable ({e})") from None
-    return _from_peft_state(base_model, fields, state, adapter_name, is_trainable)
+    return _from_peft_state(base_model, fields, state, adapter_name, is_trainable, routing)
 
 
 def _peft_tuner(peft_model):
@@ -132,13 +154,21 @@ def _peft_tuner(peft_model):
     return tuner
 
 
-def from_peft(peft_model, adapter_name: str | None = None) -> LilyModel:
+def from_peft(peft_model, adapter_name: str | None = None, *, routing: str | None = None) -> LilyModel:
     """Converts an in-memory PEFT Lily model into a LilyModel.
 
     The PEFT model is left untouched; the new model shares its (frozen) base weights and gets
     copies of the adapter weights.
+
+    ``routing``: the converted adapter's routing. None keeps PEFT's ``"batch"`` (same outputs as
+    the PEFT model); ``"causal"`` turns a PEFT Lily decoder into a causal one (no future-token leak,
+    exact KV-cache generation) for further training, from the same weights; ``"sequence"`` and
+    ``"token"`` likewise. (``"static"`` needs ``freeze_router`` after conversion.) The result can
+    then be saved with ``save_adapter``; ``save_peft_adapter`` needs ``"batch"``.
     """
     from peft.tuners.lily.layer import LilyLayer
+
+    routing = _routing_override(routing)
     from peft.utils import ModulesToSaveWrapper
 
     tuner = _peft_tuner(peft_model)
@@ -162,7 +192,9 @@ def from_peft(peft_model, adapter_name: str | None = None) -> LilyModel:
         elif isinstance(module, ModulesToSaveWrapper):
             set_module(base, path, module.original_module)
     fields = tuner.peft_config[name].to_dict()
-    return _from_peft_state(base, fields, state, "default" if adapter_name is None else name, is_trainable=True)
+    return _from_peft_state(
+        base, fields, state, "default" if adapter_name is None else name, is_trainable=True, routing=routing
+    )
 
 
 # ---- running PEFT's own Lily layers on lily_ext.ops ---------------------------------------------

@@ -96,6 +96,13 @@ CATALOGUE = [
         r"mask: expected shape \[2, 6\]",
     ),
     ("ops", "unknown mode", lambda: routed_mix(*op_inputs(), mode="expert"), ValueError, r"mode: expected one of"),
+    (
+        "ops",
+        "causal mask shape",
+        lambda: routed_mix(*op_inputs("causal"), mode="causal", mask=torch.ones(2, 7)),
+        ValueError,
+        r"mask: expected shape \[2, 6\]",
+    ),
     ("LilyConfig", "r <= 0", lambda: LilyConfig(r=0), ValueError, r"LilyConfig.r"),
     ("LilyConfig", "num_B < 2", lambda: LilyConfig(num_B=1), ValueError, r"LilyConfig.num_B"),
     ("LilyConfig", "unknown routing", lambda: LilyConfig(routing="moe"), ValueError, r"LilyConfig.routing"),
@@ -220,11 +227,13 @@ def test_catalogue(case):
 
 
 @pytest.mark.parametrize(
-    "mode, poisoned_rows", [("batch", "all"), ("token", "one"), ("sequence", "sample"), ("static", "one")]
+    "mode, poisoned_rows",
+    [("batch", "all"), ("token", "one"), ("sequence", "sample"), ("static", "one"), ("causal", "later")],
 )
 def test_nan_propagates_as_documented(mode, poisoned_rows):
     """NaN in one row of hidden: batch mode spreads it to every row (the shared mean, as in PEFT's
-    formula), sequence mode to that sample's rows, token and static modes keep it in that row."""
+    formula), sequence mode to that sample's rows, causal mode to that row and the sample's later
+    rows (the running mean), token and static modes keep it in that row."""
     hidden, router, bank = op_inputs(mode, lead=(3, 4))
     hidden[1, 2, 0] = float("nan")
     out = routed_mix(hidden, router, bank, mode=mode)
@@ -233,7 +242,10 @@ def test_nan_propagates_as_documented(mode, poisoned_rows):
         "all": torch.ones(3, 4, dtype=torch.bool),
         "sample": torch.zeros(3, 4, dtype=torch.bool),
         "one": torch.zeros(3, 4, dtype=torch.bool),
+        "later": torch.zeros(3, 4, dtype=torch.bool),
     }[poisoned_rows]
+    if poisoned_rows == "later":
+        expected[1, 2:] = True
     if poisoned_rows == "sample":
         expected[1] = True
     if poisoned_rows == "one":
@@ -304,7 +316,9 @@ def test_ort_op_with_disagreeing_inputs_raises_an_ort_error():
     ):
         session.run(None, feeds)
     feeds["bank"] = np.ones((E, R, OUT), np.float32)
-    with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument, match="dimensions"):  # ORT's own check
+    with pytest.raises(
+        onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument, match="dimensions"
+    ):  # ORT's own check
         session.run(None, feeds)
 
 

@@ -62,7 +62,7 @@ def test_merge_and_unload_gives_the_plain_model_with_merged_weights():
     torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("routing", ["batch", "sequence", "token"])
+@pytest.mark.parametrize("routing", ["batch", "sequence", "token", "causal"])
 def test_dynamic_routing_refuses_to_merge(routing):
     model = lily_net(routing)
     with pytest.raises(ValueError, match=r"freeze_router"):
@@ -142,7 +142,7 @@ def test_torchscript_trace_keeps_one_op_per_layer_and_reloads_in_a_fresh_process
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
-@pytest.mark.parametrize("routing", ["batch", "sequence"])
+@pytest.mark.parametrize("routing", ["batch", "sequence", "causal"])
 def test_torch_export_keeps_one_op_per_layer(routing):
     model = lily_net(routing)
     x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.long)
@@ -161,7 +161,7 @@ def test_torch_export_keeps_one_op_per_layer(routing):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static"])
+@pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static", "causal"])
 def test_decomposed_form_runs_in_plain_onnxruntime(routing, tmp_path):
     model = bert_model(routing)
     example, other = example_and_other_inputs()
@@ -197,7 +197,7 @@ def test_export_bad_form():
         export_onnx(lily_net(), (torch.randn(1, 2, 16),), form="fused")
 
 
-@pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static"])
+@pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static", "causal"])
 def test_custom_form_graph(routing):
     model = bert_model(routing)
     example, _ = example_and_other_inputs()
@@ -208,11 +208,11 @@ def test_custom_form_graph(routing):
     assert any(o.domain == "lily" and o.version == 1 for o in proto.opset_import)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs == {"scaling": 1.0, "mode": routing.encode()}
-    assert (len(nodes[0].input) == 4) == (routing == "sequence")  # the attention mask reaches the node
+    assert (len(nodes[0].input) == 4) == (routing in ("sequence", "causal"))  # the attention mask reaches the node
 
 
 @pytest.mark.ort
-@pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static"])
+@pytest.mark.parametrize("routing", ["batch", "sequence", "token", "static", "causal"])
 def test_custom_form_runs_in_onnxruntime_with_the_library(routing, tmp_path):
     model = bert_model(routing)
     example, other = example_and_other_inputs()

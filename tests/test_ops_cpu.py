@@ -42,7 +42,7 @@ def test_float16_inputs_computed_in_float32(mode):
     check_forward_and_grads(hidden, router, bank, mode)
 
 
-@pytest.mark.parametrize("mode", ["token", "sequence"])
+@pytest.mark.parametrize("mode", ["token", "sequence", "causal"])
 def test_per_row_path_spans_several_row_chunks(mode):
     # more rows than one (W kron h) chunk holds; 2-D input: one token per sequence sample
     hidden, router, bank = make_inputs((2100,), 2, 4, 8, mode, torch.float64)
@@ -129,6 +129,68 @@ def test_sequence_mode_is_batch_invariant(padding):
         torch.testing.assert_close(together[b][mask[b]], alone)
 
 
+# ---- causal ------------------------------------------------------------------------------------
+
+
+def test_causal_mask_left_padding_and_fully_masked_sample():
+    hidden, router, bank = make_inputs((4, 6), 3, 8, 12, "causal", torch.float64)
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 0, 1], [0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool
+    )
+    out = check_forward_and_grads(hidden, router, bank, "causal", mask=mask)
+    assert torch.equal(out[2], torch.zeros_like(out[2])), "a fully masked sample must get a zero delta"
+    assert torch.equal(out[3, :2], torch.zeros_like(out[3, :2])), "tokens before the first unmasked one: zero delta"
+    assert out[1, 2].abs().sum() > 0, "a masked token after unmasked ones gets the running mean of those"
+    for other in (mask.long(), mask.float(), mask.to(torch.uint8)):
+        assert torch.equal(routed_mix(hidden, router, bank, scaling=0.7, mode="causal", mask=other), out)
+
+
+@pytest.mark.parametrize("L", [1, 7, 70])
+def test_causal_never_sees_the_future(L):
+    # changing token t changes no row before t, in the forward and in every gradient
+    hidden, router, bank = make_inputs((3, L), 4, 6, 9, "causal", torch.float64)
+    out = routed_mix(hidden, router, bank, mode="causal")
+    for t in sorted({0, L // 2, L - 1}):
+        poked = hidden.clone()
+        poked[:, t] += 3.0
+        moved = routed_mix(poked, router, bank, mode="causal")
+        assert torch.equal(moved[:, :t], out[:, :t])
+        assert (moved[:, t:] - out[:, t:]).abs().amax() > 0
+    leaves = hidden.clone().requires_grad_()
+    routed_mix(leaves, router, bank, mode="causal")[:, : L // 2 + 1].sum().backward()
+    assert torch.equal(leaves.grad[:, L // 2 + 1 :], torch.zeros_like(leaves.grad[:, L // 2 + 1 :]))
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_causal_mode_is_batch_invariant(padding):
+    E, r, out = 4, 8, 16
+    g = torch.Generator().manual_seed(6)
+    router = torch.randn(E, r, generator=g)
+    bank = torch.randn(E, r, out, generator=g)
+    lengths = [5, 9, 1]
+    samples = [torch.randn(n, r, generator=g) for n in lengths]
+    L = max(lengths)
+    batch = torch.randn(len(lengths), L, r, generator=g)  # padding rows hold noise: they must not matter
+    mask = torch.zeros(len(lengths), L, dtype=torch.bool)
+    for b, (x, n) in enumerate(zip(samples, lengths)):
+        rows = slice(L - n, L) if padding == "left" else slice(0, n)
+        batch[b, rows] = x
+        mask[b, rows] = True
+    together = routed_mix(batch, router, bank, mode="causal", mask=mask)
+    for b, x in enumerate(samples):
+        alone = routed_mix(x[None], router, bank, mode="causal")[0]
+        torch.testing.assert_close(together[b][mask[b]], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_last_row_equals_sequence_mode():
+    # the running mean at the last token is the whole-sample mean: causal's last row is sequence's
+    hidden, router, bank = make_inputs((3, 8), 3, 5, 7, "causal", torch.float64)
+    mask = torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 0, 1, 1], [1, 0, 1, 0, 1, 0, 1, 1]], dtype=torch.bool)
+    causal = routed_mix(hidden, router, bank, mode="causal", mask=mask)
+    sequence = routed_mix(hidden, router, bank, mode="sequence", mask=mask)
+    torch.testing.assert_close(causal[:, -1], sequence[:, -1], rtol=1e-12, atol=1e-12)
+
+
 def test_batch_mode_is_batch_dependent():
     # PEFT's semantics, kept on purpose: the mixing weights are a mean over the whole call
     hidden, router, bank = make_inputs((4, 5), 2, 4, 6, "batch")
@@ -140,7 +202,9 @@ def test_batch_mode_is_batch_dependent():
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck(mode):
     hidden, router, bank = make_inputs((2, 5), 3, 4, 6, mode, torch.float32)
-    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool) if mode == "sequence" else None
+    mask = (
+        torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool) if mode in ("sequence", "causal") else None
+    )
     args = (hidden.requires_grad_(), router.requires_grad_(), bank.requires_grad_(), 0.5, mode, mask)
     torch.library.opcheck(torch.ops.lily.routed_mix.default, args)
     grad = torch.randn(2, 5, 6)
@@ -152,7 +216,11 @@ def test_opcheck(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck(mode):
     hidden, router, bank = make_inputs((3, 4), 3, 5, 6, mode, torch.float64)
-    mask = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool) if mode == "sequence" else None
+    mask = (
+        torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+        if mode in ("sequence", "causal")
+        else None
+    )
     leaves = tuple(t.requires_grad_() for t in (hidden, router, bank))
     assert torch.autograd.gradcheck(lambda h, R, B: routed_mix(h, R, B, scaling=0.8, mode=mode, mask=mask), leaves)
 
@@ -160,7 +228,11 @@ def test_gradcheck(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_torch_compile_fullgraph(mode):
     hidden, router, bank = make_inputs((2, 6), 3, 8, 10, mode)
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool) if mode == "sequence" else None
+    mask = (
+        torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+        if mode in ("sequence", "causal")
+        else None
+    )
 
     def layer(h, R, B):
         return torch.tanh(routed_mix(h * 2.0, R, B, scaling=0.5, mode=mode, mask=mask)).sum()
@@ -249,7 +321,30 @@ BAD_INPUTS = [
         ValueError,
         r"mask: expected shape \[2, 6\]",
     ),
-    ("mask outside sequence", lambda: (*_good(), {"mask": torch.ones(2, 6)}), ValueError, "mask: only mode 'sequence'"),
+    (
+        "mask outside sequence",
+        lambda: (*_good(), {"mask": torch.ones(2, 6)}),
+        ValueError,
+        "mask: only modes 'sequence' and 'causal'",
+    ),
+    (
+        "causal mask wrong shape",
+        lambda: (*_good("causal"), {"mode": "causal", "mask": torch.ones(6, 2)}),
+        ValueError,
+        r"mask: expected shape \[2, 6\]",
+    ),
+    (
+        "causal with theta",
+        lambda: (_good()[0], torch.randn(E_), _good()[2], {"mode": "causal"}),
+        ValueError,
+        r"router: expected shape \[E, r\]",
+    ),
+    (
+        "causal num_B < 2",
+        lambda: (_good()[0], torch.randn(1, R_), torch.randn(1, R_, OUT_), {"mode": "causal"}),
+        ValueError,
+        "mode 'causal' routes between experts",
+    ),
     ("scaling nan", lambda: (*_good(), {"scaling": float("nan")}), ValueError, "scaling: expected a finite float"),
     ("scaling str", lambda: (*_good(), {"scaling": "1"}), ValueError, "scaling"),
     ("hidden not a tensor", lambda: ([1.0] * R_, *_good()[1:], {}), RuntimeError, "for argument 'hidden'"),

@@ -249,7 +249,7 @@ def test_too_many_experts_is_an_error_not_a_crash():
 @pytest.mark.parametrize(
     "attrs, message",
     [
-        ({"mode": "bogus"}, "mode: expected one of 'batch', 'sequence', 'token', 'static', got 'bogus'"),
+        ({"mode": "bogus"}, "mode: expected one of 'batch', 'sequence', 'token', 'static', 'causal', got 'bogus'"),
         ({"scaling": float("inf")}, "scaling: expected a finite float"),
     ],
 )

@@ -63,18 +63,19 @@ def test_blocked_gemm_paths(mode, lead, E, r, out):
     assert rel_err(torch.from_numpy(delta), expected(feeds, 0.5, mode)) <= 2e-5
 
 
+@pytest.mark.parametrize("mode", ["sequence", "causal"])
 @pytest.mark.parametrize("mask_dtype", [np.int64, np.int32, np.bool_, np.float32])
-def test_sequence_mask_with_fully_masked_sample(mask_dtype):
-    feeds = numpy_inputs((4, 6), 3, 8, 12, "sequence", np.float32)
+def test_mask_with_fully_masked_sample(mask_dtype, mode):
+    feeds = numpy_inputs((4, 6), 3, 8, 12, mode, np.float32)
     mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
     feeds["mask"] = mask.astype(mask_dtype)
-    delta = run_cpu(feeds, mode="sequence", scaling=0.7)
+    delta = run_cpu(feeds, mode=mode, scaling=0.7)
     assert np.all(delta[2] == 0), "a fully masked sample must get a zero delta"
-    assert rel_err(torch.from_numpy(delta), expected(feeds, 0.7, "sequence", mask)) <= 2e-5
+    assert rel_err(torch.from_numpy(delta), expected(feeds, 0.7, mode, mask)) <= 2e-5
     torch_delta = routed_mix(
         *(torch.from_numpy(feeds[k]) for k in ("hidden", "router", "bank")),
         scaling=0.7,
-        mode="sequence",
+        mode=mode,
         mask=torch.from_numpy(mask.astype(bool)),
     )
     assert rel_err(torch.from_numpy(delta), torch_delta) <= 2e-5
@@ -140,7 +141,7 @@ def test_bad_inputs_raise_naming_the_argument(case):
 @pytest.mark.parametrize(
     "attrs, message",
     [
-        ({"mode": "bogus"}, "mode: expected one of 'batch', 'sequence', 'token', 'static', got 'bogus'"),
+        ({"mode": "bogus"}, "mode: expected one of 'batch', 'sequence', 'token', 'static', 'causal', got 'bogus'"),
         ({"mode": 3}, "mode: expected a string attribute"),
         ({"scaling": "big"}, "scaling: expected a float attribute"),
         ({"scaling": float("inf")}, "scaling: expected a finite float"),

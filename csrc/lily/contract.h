@@ -8,7 +8,7 @@
 
 namespace lily {
 
-enum class Mode { kBatch, kSequence, kToken, kStatic };
+enum class Mode { kBatch, kSequence, kToken, kStatic, kCausal };
 
 inline bool parse_mode(const std::string& name, Mode* mode) {
   if (name == "batch") {
@@ -27,12 +27,16 @@ inline bool parse_mode(const std::string& name, Mode* mode) {
     *mode = Mode::kStatic;
     return true;
   }
+  if (name == "causal") {
+    *mode = Mode::kCausal;
+    return true;
+  }
   return false;
 }
 
 // The contract's message for a mode name that parse_mode rejects.
 inline std::string bad_mode_message(const std::string& name) {
-  return "mode: expected one of 'batch', 'sequence', 'token', 'static', got '" + name + "'";
+  return "mode: expected one of 'batch', 'sequence', 'token', 'static', 'causal', got '" + name + "'";
 }
 
 inline const char* mode_name(Mode mode) {
@@ -45,6 +49,8 @@ inline const char* mode_name(Mode mode) {
       return "token";
     case Mode::kStatic:
       return "static";
+    case Mode::kCausal:
+      return "causal";
   }
   return "?";
 }
@@ -57,15 +63,19 @@ struct MixShape {
   int64_t rank = 0;        // r
   int64_t experts = 0;     // E
   int64_t out = 0;         // output features
-  int64_t groups = 0;      // 1 (batch, static), S (sequence), N (token)
-  int64_t group_rows = 0;  // N (batch, static), L (sequence), 1 (token)
+  int64_t groups = 0;      // 1 (batch, static), S (sequence, causal), N (token)
+  int64_t group_rows = 0;  // N (batch, static), L (sequence, causal), 1 (token)
 };
 
-// Rows whose weights are per-row (token mode, or sequence samples of one
-// token) are mixed as (W_n kron h_n) Bk_flat; the others through one combined
-// bank Bc_g per group.
+// Modes whose samples are [..., L, r] slices of hidden and that take a mask.
+inline bool routes_per_sample(Mode mode) { return mode == Mode::kSequence || mode == Mode::kCausal; }
+
+// Rows whose weights are per-row (token and causal modes, or sequence samples
+// of one token) are mixed as (W_n kron h_n) Bk_flat; the others through one
+// combined bank Bc_g per group. Causal weights are the running mean of the
+// sample's unmasked router probabilities up to the row: one vector per row.
 inline bool mixes_per_row(const MixShape& s) {
-  return s.mode == Mode::kToken || (s.mode == Mode::kSequence && s.group_rows == 1);
+  return s.mode == Mode::kToken || s.mode == Mode::kCausal || (s.mode == Mode::kSequence && s.group_rows == 1);
 }
 
 inline std::string dims_str(const std::vector<int64_t>& d) {
@@ -119,6 +129,7 @@ inline std::string check_shapes(const std::string& mode_str, const std::vector<i
       s.group_rows = 1;
       break;
     case Mode::kSequence:
+    case Mode::kCausal:
       // [..., L, r]: one sample per leading index, L tokens each; 1-D and 2-D
       // inputs hold one token per sample.
       s.group_rows = hidden.size() >= 3 ? hidden[hidden.size() - 2] : 1;
@@ -126,8 +137,8 @@ inline std::string check_shapes(const std::string& mode_str, const std::vector<i
       break;
   }
   if (mask != nullptr) {
-    if (s.mode != Mode::kSequence)
-      return std::string("mask: only mode 'sequence' takes a mask, got mode '") + mode_name(s.mode) + "'";
+    if (!routes_per_sample(s.mode))
+      return std::string("mask: only modes 'sequence' and 'causal' take a mask, got mode '") + mode_name(s.mode) + "'";
     const std::vector<int64_t> expected(hidden.begin(), hidden.end() - 1);
     if (*mask != expected)
       return "mask: expected shape " + dims_str(expected) + " (hidden's shape without r), got " + dims_str(*mask);

@@ -92,8 +92,8 @@ void matmul(const Backend& be, bool trans_a, bool trans_b, int64_t M, int64_t N,
 template <typename T>
 struct Routing {
   std::vector<T> probs;      // [N, E] router softmax per row (not for static)
-  std::vector<T> weights;    // [groups, E] mixing weights of each group
-  std::vector<T> inv_count;  // sequence: 1 / valid rows per group, 0 when fully masked
+  std::vector<T> weights;    // [groups, E] mixing weights of each group; causal: [N, E], one per row
+  std::vector<T> inv_count;  // sequence: 1 / valid rows per group; causal: 1 / valid rows up to each row; 0 if none
 };
 
 template <typename T, typename Backend>
@@ -101,7 +101,7 @@ Routing<T> compute_routing(const Backend& be, const MixShape& s, const T* hidden
                            const uint8_t* mask) {
   const int64_t N = s.rows, E = s.experts, r = s.rank;
   Routing<T> rt;
-  rt.weights.assign(s.groups * E, T(0));
+  rt.weights.assign((s.mode == Mode::kCausal ? N : s.groups) * E, T(0));
   if (s.mode == Mode::kStatic) {
     const T one = 1;  // softmax(theta) == router_softmax of a 1-wide "hidden" of ones
     router_softmax(&one, 1, 1, router, E, rt.weights.data());
@@ -122,6 +122,27 @@ Routing<T> compute_routing(const Backend& be, const MixShape& s, const T* hidden
     for (int64_t n = 0; n < N; ++n)
       for (int64_t e = 0; e < E; ++e) total[e] += P[n * E + e];
     for (int64_t e = 0; e < E; ++e) rt.weights[e] = T(total[e] / double(N));
+  } else if (s.mode == Mode::kCausal) {
+    // w_t = (sum_{u <= t} m_u P_u) / (sum_{u <= t} m_u): a running mean per sample, summed in
+    // float64 in row order; rows before the sample's first unmasked one keep w = 0.
+    const int64_t L = s.group_rows;
+    rt.inv_count.assign(N, T(0));
+    be.parallel_for(s.groups, [&](int64_t g0, int64_t g1) {
+      std::vector<double> total(E);
+      for (int64_t g = g0; g < g1; ++g) {
+        std::fill(total.begin(), total.end(), 0.0);
+        int64_t count = 0;
+        for (int64_t n = g * L; n < (g + 1) * L; ++n) {
+          if (!mask || mask[n]) {
+            ++count;
+            for (int64_t e = 0; e < E; ++e) total[e] += P[n * E + e];
+          }
+          if (count == 0) continue;
+          for (int64_t e = 0; e < E; ++e) rt.weights[n * E + e] = T(total[e] / double(count));
+          rt.inv_count[n] = T(1.0 / double(count));
+        }
+      }
+    });
   } else {  // sequence
     const int64_t L = s.group_rows;
     rt.inv_count.assign(s.groups, T(0));
@@ -307,17 +328,16 @@ void routed_mix_backward(const Backend& be, const MixShape& s, T scaling, const 
     return;
   }
   const Routing<T> rt = compute_routing<T>(be, s, hidden, router, mask);
-  // dW: gradient of the mixing weights, one row per group.
-  std::vector<T> dW(s.groups * E);
-  if (s.mode == Mode::kToken || L <= kPerRowBackwardRows) {
-    std::vector<T> row_W, row_dW(N * E);
+  // dW: gradient of the mixing weights, one row per group (token, causal: per row).
+  const bool per_row_weights = s.mode == Mode::kToken || s.mode == Mode::kCausal;
+  std::vector<T> dW((per_row_weights ? N : s.groups) * E);
+  if (per_row_weights) {
+    mix_per_row_backward(be, s, scaling, grad, hidden, bank, rt.weights.data(), dhidden, dbank, dW.data());
+  } else if (L <= kPerRowBackwardRows) {
+    std::vector<T> row_W(N * E), row_dW(N * E);
     const T* W = rt.weights.data();
-    if (s.mode != Mode::kToken) {  // every row of a group carries the group's weights
-      row_W.resize(N * E);
-      for (int64_t n = 0; n < N; ++n) std::copy_n(W + (n / L) * E, E, row_W.data() + n * E);
-      W = row_W.data();
-    }
-    mix_per_row_backward(be, s, scaling, grad, hidden, bank, W, dhidden, dbank, row_dW.data());
+    for (int64_t n = 0; n < N; ++n) std::copy_n(W + (n / L) * E, E, row_W.data() + n * E);  // the group's weights
+    mix_per_row_backward(be, s, scaling, grad, hidden, bank, row_W.data(), dhidden, dbank, row_dW.data());
     for (int64_t g = 0; g < s.groups; ++g)
       for (int64_t n = g * L; n < (g + 1) * L; ++n)
         for (int64_t e = 0; e < E; ++e) dW[g * E + e] += row_dW[n * E + e];
@@ -334,18 +354,34 @@ void routed_mix_backward(const Backend& be, const MixShape& s, T scaling, const 
   }
   // Gradient reaching each row's router probabilities.
   auto dP = scratch<T>(N * E);
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t g = n / L;
-    for (int64_t e = 0; e < E; ++e) {
-      T v;
-      if (s.mode == Mode::kBatch) {
-        v = dW[e] / T(N);
-      } else if (s.mode == Mode::kToken) {
-        v = dW[n * E + e];
-      } else {
-        v = (mask && !mask[n]) ? T(0) : dW[g * E + e] * rt.inv_count[g];
+  if (s.mode == Mode::kCausal) {
+    // dC_t = dw_t / n_t; dP_u = m_u sum_{t >= u} dC_t: a reverse running sum per sample (float64, row order).
+    be.parallel_for(s.groups, [&](int64_t g0, int64_t g1) {
+      std::vector<double> suffix(E);
+      for (int64_t g = g0; g < g1; ++g) {
+        std::fill(suffix.begin(), suffix.end(), 0.0);
+        for (int64_t n = (g + 1) * L - 1; n >= g * L; --n) {
+          const double inv = double(rt.inv_count[n]);
+          for (int64_t e = 0; e < E; ++e) suffix[e] += double(dW[n * E + e]) * inv;
+          const bool keep = !mask || mask[n];
+          for (int64_t e = 0; e < E; ++e) dP[n * E + e] = keep ? T(suffix[e]) : T(0);
+        }
       }
-      dP[n * E + e] = v;
+    });
+  } else {
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t g = n / L;
+      for (int64_t e = 0; e < E; ++e) {
+        T v;
+        if (s.mode == Mode::kBatch) {
+          v = dW[e] / T(N);
+        } else if (s.mode == Mode::kToken) {
+          v = dW[n * E + e];
+        } else {
+          v = (mask && !mask[n]) ? T(0) : dW[g * E + e] * rt.inv_count[g];
+        }
+        dP[n * E + e] = v;
+      }
     }
   }
   // Softmax backward; per-piece router gradients are added in piece order.

@@ -40,7 +40,10 @@ def _add_lily_flags(parser, routing="sequence"):
         "--target-modules", default=None, help="comma-separated module names (default: PEFT's for the model type)"
     )
     group.add_argument(
-        "--routing", default=routing, choices=["batch", "sequence", "token", "static"], help=f"default {routing}"
+        "--routing",
+        default=routing,
+        choices=["batch", "sequence", "token", "static", "causal"],
+        help=f"default {routing}",
     )
 
 
@@ -327,7 +330,7 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
 
-    names = ["ops", "train", "ort", "ort_op"] if args.which == "all" else [args.which]
+    names = ["ops", "train", "ort", "ort_op", "causal_leak"] if args.which == "all" else [args.which]
     for name in names:
         module = importlib.import_module(f"lily_ext.app.benchmarks.{name}")
         print(f"## {name}\n")
@@ -383,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="run the benchmarks and print their tables")
-    bench.add_argument("which", nargs="?", default="all", choices=["all", "ops", "train", "ort", "ort_op"])
+    bench.add_argument(
+        "which", nargs="?", default="all", choices=["all", "ops", "train", "ort", "ort_op", "causal_leak"]
+    )
     bench.add_argument("--quick", action="store_true", help="shorter timing budget")
     bench.set_defaults(func=cmd_bench)
 

@@ -107,7 +107,7 @@ def bad_run_cases():
         "bank dtype": (dict(good, bank=good["bank"].astype(np.float64)), {}, "bank: dtype float64 differs"),
         "mask shape": (dict(seq, mask=np.ones((2, 4), np.int64)), {"mode": "sequence"}, "mask: expected shape"),
         "mask rank": (dict(seq, mask=np.ones((6,), np.int64)), {"mode": "sequence"}, "mask: expected shape"),
-        "mask mode": (dict(good, mask=np.ones((2, 3), np.int64)), {}, "mask: only mode 'sequence'"),
+        "mask mode": (dict(good, mask=np.ones((2, 3), np.int64)), {}, "mask: only modes 'sequence' and 'causal'"),
         "mask type": (
             dict(seq, mask=np.full((2, 3), "x", dtype=object)),
             {"mode": "sequence"},

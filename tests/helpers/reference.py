@@ -41,4 +41,21 @@ def routed_mix_reference(hidden, router, bank, scaling=1.0, mode="batch", mask=N
         if not rows:
             return h.new_zeros((*lead, out))
         return torch.stack(rows).reshape(*lead, out)
+    if mode == "causal":
+        L = h.shape[-2] if h.dim() >= 3 else 1
+        hs = h.reshape(-1, L, r)
+        ps = probs.reshape(-1, L, E)
+        ms = torch.ones(hs.shape[:2], dtype=torch.float64) if mask is None else (mask != 0).reshape(-1, L).double()
+        rows = []
+        for b in range(hs.shape[0]):
+            for t in range(L):
+                count = ms[b, : t + 1].sum()
+                if count == 0:
+                    w = torch.zeros(E, dtype=torch.float64)
+                else:
+                    w = (ps[b, : t + 1] * ms[b, : t + 1, None]).sum(0) / count
+                rows.append(scaling * (hs[b, t] @ (w[:, None, None] * Bk).sum(0)))
+        if not rows:
+            return h.new_zeros((*lead, out))
+        return torch.stack(rows).reshape(*lead, out)
     raise ValueError(mode)
