@@ -12,7 +12,7 @@ _library.load()
 
 from . import ops  # noqa: E402  (registers the fake kernels of torch.ops.lily)
 from ._build.info import build_info  # noqa: E402
-from .calibration import freeze_router  # noqa: E402
+from .calibration import freeze_router, tune_static  # noqa: E402
 from .checkpoint import AdapterLoadError  # noqa: E402
 from .config import LilyConfig  # noqa: E402
 from .export import export_onnx, register_torchscript_symbolic  # noqa: E402
@@ -50,6 +50,7 @@ __all__ = [
     "ort_library_path",
     "ort_session",
     "patch_peft",
+    "tune_static",
     "unpatch_peft",
     "__version__",
 ]

@@ -1,15 +1,44 @@
-"""freeze_router: turn data-dependent routing into static (mergeable) weights from calibration data."""
+"""freeze_router: turn data-dependent routing into a static (mergeable) adapter from calibration data;
+tune_static: a few optimizer steps on the frozen static parameters (recovery fine-tuning).
+
+Per layer, with ``h = A x`` ([N, r]) and ``d`` the dynamic adapter's output ([N, out]) on the
+calibration tokens (padding excluded), a static adapter gives ``s h Bc`` for one ``Bc [r, out]``.
+Its squared error is a quadratic in ``Bc`` that depends on the data only through
+
+    H = sum_n h_n^T h_n  [r, r],    Y = sum_n h_n^T d_n  [r, out],    D = sum_n |d_n|^2,
+    err(Bc) = s^2 <Bc, H Bc> - 2 s <Bc, Y> + D,
+
+so one streamed pass accumulates them (float64, per layer) and every method is solved and scored
+from them (docs/DESIGN.md, "Merging a dynamic router well").
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .model import LilyModel
 from .ops import routed_mix
+
+METHODS = ("mean", "optimal_weights", "optimal_bc")
+DEFAULT_METHOD = "optimal_bc"
+DEFAULT_RIDGE = 1e-3
+
+
+class FreezeReport(dict):
+    """``freeze_router``'s result: layer path -> that layer's report (a dict), plus the attributes
+    ``method``, ``ridge`` and ``tune_losses`` (the recovery fine-tuning losses, ``[]`` when none)."""
+
+    def __init__(self, layers: dict, method: str, ridge: float, tune_losses: list[float]):
+        super().__init__(layers)
+        self.method = method
+        self.ridge = ridge
+        self.tune_losses = tune_losses
 
 
 def _call(model: LilyModel, batch):
@@ -29,91 +58,402 @@ def _token_mask(layer, hidden):
     return (mask != 0).to(torch.float64)
 
 
-@torch.no_grad()
-def freeze_router(model: LilyModel, batches: Iterable, adapter_name: str | None = None) -> dict:
-    """Replaces each layer's router by the mean of its routing weights over ``batches``.
-
-    Each item of ``batches`` is a tuple of positional arguments or a dict of keyword arguments for
-    ``model(...)``; tokens the ``attention_mask`` marks as padding are left out of the mean. The
-    adapter becomes ``routing="static"`` (and so mergeable). Returns, per layer path, how far the
-    frozen adapter output is from the dynamic one on the same calibration inputs:
-    ``{"relative_error": ||d_static - d_dynamic|| / ||d_dynamic||, "max_abs_error": ...}``.
-    """
+def _check_adapter(model, adapter_name):
     if not isinstance(model, LilyModel):
         raise TypeError(f"model: expected a lily_ext.LilyModel, got {type(model).__name__}")
     name = adapter_name or model.active_adapter
     if name not in model.configs:
         raise ValueError(f"adapter_name: no adapter {name!r} (have: {', '.join(model.configs) or 'none'})")
+    layers = {path: m for path, m in model.lily_layers() if name in m.lily_A}
+    if not layers:
+        raise ValueError(f"model: no Lily layer holds adapter {name!r}")
+    return name, layers
+
+
+def _iterable(batches, what: str):
+    """An iterator over ``batches`` (a list, a DataLoader, a generator...), or a TypeError naming ``what``."""
+    if not isinstance(batches, (torch.Tensor, str, bytes, dict)):
+        try:
+            return iter(batches)
+        except TypeError:
+            pass
+    raise TypeError(f"{what}: expected an iterable of batches (tuples or dicts), got {type(batches).__name__}")
+
+
+def _check_steps(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what}: expected a non-negative int, got {value!r}")
+    return value
+
+
+def _check_lr(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what}: expected a finite float > 0, got {value!r}")
+    return float(value)
+
+
+# ---- the static replacements, from the streamed statistics -------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Stats:
+    """Float64 sums over one layer's unmasked calibration tokens."""
+
+    probs: torch.Tensor  # sum_n P_n [E]
+    count: float  # number of tokens
+    H: torch.Tensor  # sum_n h_n^T h_n [r, r]
+    Y: torch.Tensor  # sum_n h_n^T d_n [r, out]
+    D: float  # sum_n |d_n|^2
+
+
+def _squared_error(stats: _Stats, scaling: float, combined: torch.Tensor) -> float:
+    """sum_n |s h_n Bc - d_n|^2 from the sums (float64; clamped at 0 against rounding)."""
+    quadratic = (combined * (stats.H @ combined)).sum() * scaling**2
+    linear = (combined * stats.Y).sum() * scaling
+    return max(float(quadratic - 2 * linear) + stats.D, 0.0)
+
+
+def _project_to_simplex(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection onto {w >= 0, sum w = 1} (sort-based)."""
+    u = np.sort(v)[::-1]
+    cumulative = np.cumsum(u) - 1.0
+    k = np.arange(1, len(v) + 1)
+    rho = k[u - cumulative / k > 0][-1]
+    return np.maximum(v - cumulative[rho - 1] / rho, 0.0)
+
+
+def _face_minimiser(Q: np.ndarray, b: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """The minimiser of ``q`` on the affine hull of the face ``{w_i = 0 outside support, sum w = 1}``
+    (the KKT system, least-squares when ``Q`` is singular there)."""
+    n = int(support.sum())
+    kkt = np.zeros((n + 1, n + 1))
+    kkt[:n, :n] = 2 * Q[np.ix_(support, support)]
+    kkt[:n, n] = -1.0
+    kkt[n, :n] = 1.0
+    solution = np.linalg.lstsq(kkt, np.concatenate([2 * b[support], [1.0]]), rcond=None)[0]
+    w = np.zeros(len(b))
+    w[support] = solution[:n]
+    return w
+
+
+def optimal_mixing_weights(Q: np.ndarray, b: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """argmin over the simplex ``{w >= 0, sum w = 1}`` of ``q(w) = w^T Q w - 2 b^T w`` (``Q`` symmetric
+    positive semidefinite), in float64. Up to 12 experts exactly: the best feasible face minimiser over
+    every support (the optimum is one; 4095 small solves at most). Beyond, accelerated projected
+    gradient from ``start`` with restarts, then the face minimiser on the support it found. Never
+    returns a point worse than ``start``."""
+    Q, b = np.asarray(Q, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    Q = (Q + Q.T) / 2
+    E = len(b)
+
+    def q(w):
+        return float(w @ Q @ w - 2 * b @ w)
+
+    best = np.asarray(start, dtype=np.float64)
+    best_value = q(best)
+    scale = max(float(np.abs(Q).max()), float(np.abs(b).max()), 1e-300)
+    candidates = []
+    if E <= 12:
+        for bits in range(1, 2**E):
+            support = np.array([(bits >> i) & 1 for i in range(E)], dtype=bool)
+            candidates.append(_face_minimiser(Q, b, support))
+    else:
+        lipschitz = 2 * float(np.linalg.eigvalsh(Q).max())
+        w, y, t, value = best.copy(), best.copy(), 1.0, best_value
+        for _ in range(5000 if lipschitz > 0 else 0):
+            w_next = _project_to_simplex(y - 2 * (Q @ y - b) / lipschitz)
+            next_value = q(w_next)
+            if next_value > value:  # restart the momentum from the last iterate
+                y, t = w.copy(), 1.0
+                continue
+            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            y = w_next + (t - 1) / t_next * (w_next - w)
+            converged = value - next_value <= 1e-15 * scale
+            w, t, value = w_next, t_next, next_value
+            if converged:
+                break
+        candidates += [w, _face_minimiser(Q, b, w > 1e-12)]
+    for w in candidates:
+        if w.min() >= -1e-12 and abs(w.sum() - 1) < 1e-9:
+            w = np.maximum(w, 0.0)
+            w = w / w.sum()
+            value = q(w)
+            if value < best_value:
+                best, best_value = w, value
+    return best
+
+
+def optimal_combined_bank(stats: _Stats, scaling: float, anchor: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``argmin_Bc err(Bc) + lam |Bc - anchor|_F^2`` with ``lam = ridge * s^2 * trace(H) / r``:
+    ``Bc = anchor + (s^2 H + lam I)^-1 (s Y - s^2 H anchor)`` in float64 (the minimum-norm
+    correction when ``lam = 0`` and ``H`` is singular). Directions the calibration tokens do not
+    reach keep the anchor (the mean-weights bank)."""
+    H = stats.H
+    r = H.shape[0]
+    s2 = scaling**2
+    lam = ridge * s2 * float(torch.trace(H)) / r
+    system = s2 * H + lam * torch.eye(r, dtype=H.dtype, device=H.device)
+    rhs = scaling * stats.Y - s2 * (H @ anchor)
+    if lam > 0:
+        correction = torch.linalg.solve(system, rhs)
+    else:
+        correction = torch.linalg.pinv(system, hermitian=True) @ rhs
+    return anchor + correction
+
+
+def _solve_layer(layer, name: str, stats: _Stats, method: str, ridge: float) -> dict:
+    """Every method's static replacement and its error on the calibration tokens."""
+    scaling = layer.scaling[name]
+    bank = layer.bank(name).detach().to(device=stats.H.device, dtype=torch.float64)
+    mean = stats.probs / stats.count
+    combined = {"mean": torch.einsum("e,eio->io", mean, bank)}
+    weights = {"mean": mean}
+    G = torch.einsum("eio,ij,fjo->ef", bank, stats.H, bank)
+    c = torch.einsum("eio,io->e", bank, stats.Y)
+    w = optimal_mixing_weights((scaling**2 * G).cpu().numpy(), (scaling * c).cpu().numpy(), mean.cpu().numpy())
+    weights["optimal_weights"] = torch.from_numpy(w).to(mean)
+    combined["optimal_weights"] = torch.einsum("e,eio->io", weights["optimal_weights"], bank)
+    combined["optimal_bc"] = optimal_combined_bank(stats, scaling, combined["mean"], ridge)
+    weights["optimal_bc"] = None
+    norm = math.sqrt(stats.D)
+    errors = {m: math.sqrt(_squared_error(stats, scaling, combined[m])) / norm if norm > 0 else 0.0 for m in METHODS}
+    return {"combined": combined[method], "weights": weights[method], "mean": mean, "errors": errors}
+
+
+# ---- freeze_router ----------------------------------------------------------------------------------------
+
+
+def freeze_router(
+    model: LilyModel,
+    batches: Iterable,
+    adapter_name: str | None = None,
+    *,
+    method: str = DEFAULT_METHOD,
+    ridge: float = DEFAULT_RIDGE,
+    tune_batches: Iterable | None = None,
+    tune_steps: int = 0,
+    tune_lr: float = 1e-3,
+) -> FreezeReport:
+    """Replaces each layer's router by a static adapter fitted to the dynamic one on ``batches``.
+
+    Each item of ``batches`` is a tuple of positional arguments or a dict of keyword arguments for
+    ``model(...)``; tokens the ``attention_mask`` marks as padding are left out. The batches are
+    streamed: per layer only ``H = sum h^T h`` ([r, r]), ``Y = sum h^T d`` ([r, out]) and the
+    routing-probability sums are kept (float64). ``method`` chooses, per layer, the static
+    replacement whose output ``s h Bc`` has the least squared error against the dynamic output ``d``:
+
+    - ``"mean"``: the mean routing weights over the calibration tokens (``theta = log w``);
+    - ``"optimal_weights"``: the convex mixing weights of the bank with the least error (a small
+      quadratic program over the simplex, float64);
+    - ``"optimal_bc"`` (default): the least-squares ``Bc`` over all ``[r, out]`` matrices, ridge-
+      regularised towards the mean-weights bank (``ridge`` is relative to ``trace(H) / r``). The
+      layer then holds its own ``lily_Bc`` (which checkpoint format 1 cannot save; the merged
+      export and every ONNX form can).
+
+    The adapter becomes ``routing="static"`` (mergeable). With ``tune_steps > 0`` the static
+    parameters are then trained on ``tune_batches`` (labelled: see ``tune_static``).
+
+    Returns a ``FreezeReport``: per layer path, ``relative_error`` (``|d_static - d| / |d|`` over
+    the calibration tokens, for ``method``), ``relative_error_mean`` (the same for ``"mean"``, the
+    error before optimisation), ``relative_errors`` (every method's), ``max_abs_error`` (from a
+    second pass over ``batches``; None when ``batches`` is a one-shot iterator), ``weights`` (the
+    mean routing weights) and ``static_weights`` (the mixing weights installed; None for
+    ``optimal_bc``). Errors are measured before tuning.
+    """
+    name, layers = _check_adapter(model, adapter_name)
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge: expected a finite float >= 0, got {ridge!r}")
+    tune_steps = _check_steps(tune_steps, "tune_steps")
+    tune_lr = _check_lr(tune_lr, "tune_lr")
+    if tune_steps and tune_batches is None:
+        raise ValueError("tune_batches: tune_steps > 0 needs labelled batches to train on")
     if model.configs[name].routing == "static":
         raise ValueError(f"adapter {name!r} already uses static routing; nothing to freeze")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches: need at least one calibration batch")
-    layers = {path: m for path, m in model.lily_layers() if name in m.lily_router}
+    reiterable = _iterable(batches, "batches") is not batches
+
+    with torch.no_grad():
+        stats, frozen, peaks = _calibrate(model, name, layers, batches, method, float(ridge), reiterable)
+    for path, layer in layers.items():
+        if method == "optimal_bc":
+            layer.set_static_bank(name, frozen[path]["combined"])
+        else:
+            layer.set_static_weights(name, frozen[path]["weights"])
+    model.configs[name] = dataclasses.replace(model.configs[name], routing="static")
+    report = {}
+    for path, solved in frozen.items():
+        report[path] = {
+            "method": method,
+            "relative_error": solved["errors"][method],
+            "relative_error_mean": solved["errors"]["mean"],
+            "relative_errors": solved["errors"],
+            "max_abs_error": peaks.get(path),
+            "weights": solved["mean"].tolist(),
+            "static_weights": None if solved["weights"] is None else solved["weights"].tolist(),
+        }
+    losses = tune_static(model, tune_batches, tune_steps, lr=tune_lr, adapter_name=name) if tune_steps else []
+    return FreezeReport(report, method, float(ridge), losses)
+
+
+def _calibrate(model, name, layers, batches, method, ridge, reiterable):
     previous = model.active_adapter
     model.set_adapter(name)
     was_training = model.training
     model.eval()
+    stats: dict[str, _Stats] = {}
+    frozen: dict[str, dict] = {}
+    peaks: dict[str, float] = {}
 
-    totals = {p: torch.zeros(m.num_B[name], dtype=torch.float64) for p, m in layers.items()}
-    counts = dict.fromkeys(layers, 0.0)
-    errors = {p: [0.0, 0.0, 0.0] for p in layers}  # sum |d_s - d_d|^2, sum |d_d|^2, max |d_s - d_d|
-    weights: dict = {}
+    def dynamic_output(layer, x):
+        A = layer.lily_A[name].weight.detach()
+        hidden = F.linear(x.detach().to(device=A.device, dtype=torch.float64), A.double())
+        routing = layer.routing[name]
+        delta = routed_mix(
+            hidden,
+            layer.lily_router[name].weight.detach().double(),
+            layer.bank(name).detach().double(),
+            scaling=layer.scaling[name],
+            mode=routing,
+            mask=layer.sequence_mask(hidden, routing) if routing in ("sequence", "causal") else None,
+        )
+        return hidden, delta, _token_mask(layer, hidden)
 
     def hook(path, layer):
         def fn(module, args, output):
-            x = args[0]
-            hidden = F.linear(x.to(layer.lily_A[name].weight.dtype), layer.lily_A[name].weight)
-            mask = _token_mask(layer, hidden)
-            if not weights:  # pass 1: accumulate routing probabilities
-                probs = torch.softmax(hidden.double() @ layer.lily_router[name].weight.double().T, dim=-1)
-                totals[path] += (probs * mask.unsqueeze(-1)).reshape(-1, probs.shape[-1]).sum(0).cpu()
-                counts[path] += float(mask.sum())
+            hidden, delta, mask = dynamic_output(layer, args[0])
+            h = hidden.reshape(-1, hidden.shape[-1])
+            d = delta.reshape(-1, delta.shape[-1])
+            m = mask.reshape(-1, 1)
+            if not frozen:  # pass 1: the sums
+                probs = torch.softmax(h @ layer.lily_router[name].weight.detach().double().T, dim=-1)
+                hm = h * m
+                if path not in stats:
+                    r, out = h.shape[-1], d.shape[-1]
+                    zeros = {"dtype": torch.float64, "device": h.device}
+                    stats[path] = _Stats(
+                        torch.zeros(probs.shape[-1], **zeros),
+                        0.0,
+                        torch.zeros(r, r, **zeros),
+                        torch.zeros(r, out, **zeros),
+                        0.0,
+                    )
+                st = stats[path]
+                st.probs += (probs * m).sum(0)
+                st.count += float(m.sum())
+                st.H += hm.T @ h
+                st.Y += hm.T @ d
+                st.D += float((d.square() * m).sum())
                 return
-            # pass 2: the same input through dynamic and frozen routing
-            bank, scaling, routing = layer.bank(name), layer.scaling[name], layer.routing[name]
-            dynamic = routed_mix(
-                hidden,
-                layer.lily_router[name].weight,
-                bank,
-                scaling=scaling,
-                mode=routing,
-                mask=layer.sequence_mask(hidden, routing) if routing in ("sequence", "causal") else None,
-            )
-            theta = torch.log(weights[path].clamp_min(1e-300)).to(hidden.dtype).to(hidden.device)
-            frozen = routed_mix(hidden, theta, bank, scaling=scaling, mode="static")
-            diff = (frozen - dynamic).double() * mask.unsqueeze(-1)
-            err = errors[path]
-            err[0] += float(diff.square().sum())
-            err[1] += float((dynamic.double() * mask.unsqueeze(-1)).square().sum())
-            err[2] = max(err[2], float(diff.abs().max()) if diff.numel() else 0.0)
+            # pass 2: the frozen output on the same tokens
+            static = layer.scaling[name] * (h @ frozen[path]["combined"])
+            diff = (static - d) * m
+            peaks[path] = max(peaks.get(path, 0.0), float(diff.abs().max()) if diff.numel() else 0.0)
 
         return fn
 
     handles = [m.register_forward_hook(hook(p, m)) for p, m in layers.items()]
     try:
+        seen = 0
         for batch in batches:
             _call(model, batch)
-        for path in layers:
-            if counts[path] == 0:
+            seen += 1
+        if not seen:
+            raise ValueError("batches: need at least one calibration batch")
+        for path, layer in layers.items():
+            if path not in stats or stats[path].count == 0:
                 raise ValueError(f"batches: no unmasked token reached layer {path!r}; cannot estimate its routing")
-            weights[path] = totals[path] / counts[path]
-        for batch in batches:
-            _call(model, batch)
+            frozen[path] = _solve_layer(layer, name, stats[path], method, ridge)
+        if reiterable:
+            for batch in batches:
+                _call(model, batch)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    for path, layer in layers.items():
-        layer.set_static_weights(name, weights[path])
-    model.configs[name] = dataclasses.replace(model.configs[name], routing="static")
-    if previous is not None and previous != name:
-        model.set_adapter(previous)
-    report = {}
-    for path, (num, den, peak) in errors.items():
-        report[path] = {
-            "relative_error": (num / den) ** 0.5 if den > 0 else 0.0,
-            "max_abs_error": peak,
-            "weights": weights[path].tolist(),
-        }
-    return report
+        if previous is not None and previous != name:
+            model.set_adapter(previous)
+    return stats, frozen, peaks
+
+
+# ---- recovery fine-tuning -------------------------------------------------------------------------------
+
+
+def static_parameters(model: LilyModel, adapter_name: str | None = None) -> list[torch.nn.Parameter]:
+    """The per-layer static parameters of a static adapter: each layer's ``lily_Bc`` (frozen with
+    ``optimal_bc``) or ``lily_theta``."""
+    name, layers = _check_adapter(model, adapter_name)
+    if model.configs[name].routing != "static":
+        raise ValueError(
+            f"adapter {name!r} uses {model.configs[name].routing!r} routing; freeze it first with "
+            "lily_ext.freeze_router(model, calibration_batches)"
+        )
+    return [m.lily_Bc[name] if name in m.lily_Bc else m.lily_theta[name] for m in layers.values()]
+
+
+def _loss(output, batch, loss_fn):
+    if loss_fn is not None:
+        return loss_fn(output, batch)
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            "tune_batches: the model's output has no loss; put the labels into each batch (e.g. labels=...) "
+            "or pass loss_fn(output, batch)"
+        )
+    return loss
+
+
+def tune_static(
+    model: LilyModel,
+    batches: Iterable,
+    steps: int,
+    *,
+    lr: float = 1e-3,
+    adapter_name: str | None = None,
+    loss_fn=None,
+) -> list[float]:
+    """Recovery fine-tuning: ``steps`` AdamW steps on only the static parameters of a frozen adapter
+    (each layer's ``lily_Bc`` or ``lily_theta``; everything else stays fixed), cycling over
+    ``batches`` (each a tuple or dict of arguments for ``model(...)`` whose output has a ``loss``,
+    e.g. with ``labels``; or give ``loss_fn(output, batch)``). Returns the loss of every step."""
+    steps = _check_steps(steps, "steps")
+    lr = _check_lr(lr, "lr")
+    params = static_parameters(model, adapter_name)
+    name = adapter_name or model.active_adapter
+    _iterable(batches, "tune_batches")
+    if not steps:
+        return []
+    previous, was_training = model.active_adapter, model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.set_adapter(name)
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    model.train()
+    try:
+        while len(losses) < steps:
+            count = len(losses)
+            for batch in batches:
+                loss = _loss(_call(model, batch), batch, loss_fn)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(
+                        f"tune_static: the loss became {loss.item()} at step {len(losses)}; lower lr"
+                    )
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                if len(losses) == steps:
+                    break
+            if len(losses) == count:
+                raise ValueError("tune_batches: need at least one labelled batch")
+    finally:
+        model.train(was_training)
+        if previous is not None and previous != name:
+            model.set_adapter(previous)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return losses

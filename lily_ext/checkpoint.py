@@ -55,6 +55,13 @@ def adapter_tensors(model, adapter_name: str) -> dict[str, torch.Tensor]:
             tensors[f"group.{g}.A.{b}"] = model.model.get_submodule(block[0]).lily_A[adapter_name].weight
         for path in group.layers:
             layer = model.model.get_submodule(path)
+            if adapter_name in layer.lily_Bc:
+                raise ValueError(
+                    f"adapter {adapter_name!r}: layer {path!r} was frozen to its own combined bank "
+                    "(freeze_router method='optimal_bc'), which checkpoint format version 1 cannot hold; "
+                    "save the adapter before freezing, freeze with method='optimal_weights' or 'mean', "
+                    "or export the merged form"
+                )
             if config.routing == "static":
                 tensors[f"theta.{path}"] = layer.lily_theta[adapter_name]
             else:

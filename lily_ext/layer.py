@@ -20,6 +20,9 @@ class LilyLinear(nn.Module):
     viewed ``[num_B, r, out]``) are shared with other layers (the same module objects); the router
     (``lily_router``, ``nn.Linear(r, num_B)``) or, for static routing, the logits ``lily_theta``
     ``[num_B]`` belong to this layer. Names and layouts follow PEFT's Lily.
+
+    A static adapter frozen to a per-layer combined bank (``freeze_router(method="optimal_bc")``)
+    holds ``lily_Bc [r, out]`` instead of ``lily_theta``: its delta is ``scaling * (A x) Bc``.
     """
 
     def __init__(self, base_layer: nn.Linear, context: RoutingContext):
@@ -31,6 +34,7 @@ class LilyLinear(nn.Module):
         self.lily_B = nn.ModuleDict()
         self.lily_router = nn.ModuleDict()
         self.lily_theta = nn.ParameterDict()
+        self.lily_Bc = nn.ParameterDict()
         self.r: dict[str, int] = {}
         self.num_B: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
@@ -87,7 +91,7 @@ class LilyLinear(nn.Module):
             nn.init.uniform_(self.lily_theta[name], -1.0, 1.0)
 
     def delete_adapter(self, name: str) -> None:
-        for table in (self.lily_A, self.lily_B, self.lily_router, self.lily_theta):
+        for table in (self.lily_A, self.lily_B, self.lily_router, self.lily_theta, self.lily_Bc):
             if name in table:
                 del table[name]
         for table in (self.r, self.num_B, self.scaling, self.routing):
@@ -101,21 +105,34 @@ class LilyLinear(nn.Module):
         return self.lily_B[name].weight.view(self.num_B[name], self.r[name], self.out_features)
 
     def router(self, name: str) -> torch.Tensor:
+        if name in self.lily_Bc:  # one expert, its own combined bank: softmax([0]) = [1]
+            return self.lily_Bc[name].new_zeros(1)
         return self.lily_theta[name] if self.routing[name] == "static" else self.lily_router[name].weight
+
+    def routed_bank(self, name: str) -> torch.Tensor:
+        """The bank ``routed_mix`` mixes: the shared ``[num_B, r, out]`` one, or ``[1, r, out]`` for a
+        layer frozen to its own combined bank ``lily_Bc``."""
+        return self.lily_Bc[name].unsqueeze(0) if name in self.lily_Bc else self.bank(name)
+
+    def combined_bank(self, name: str) -> torch.Tensor:
+        """``Bc [r, out]`` of a static adapter in float64: ``lily_Bc``, or ``sum_e softmax(theta)_e Bk_e``."""
+        if name in self.lily_Bc:
+            return self.lily_Bc[name].double()
+        weights = torch.softmax(self.lily_theta[name].double(), dim=0)
+        return torch.einsum("e,eio->io", weights, self.bank(name).double())
 
     # ---- static routing: merging into the base weight ----------------------------------------
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``scaling * Bc^T A`` ([out, in]) for a static adapter, ``Bc = sum_e softmax(theta)_e Bk_e``."""
+        """``scaling * Bc^T A`` ([out, in]) for a static adapter, ``Bc = sum_e softmax(theta)_e Bk_e``
+        (or the layer's own ``lily_Bc``)."""
         if self.routing[name] != "static":
             raise ValueError(
                 f"adapter {name!r} uses {self.routing[name]!r} routing, which depends on the input and cannot be "
                 "merged; freeze it to static weights first with lily_ext.freeze_router(model, calibration_batches)"
             )
         A = self.lily_A[name].weight.double()
-        weights = torch.softmax(self.lily_theta[name].double(), dim=0)
-        combined = torch.einsum("e,eio->io", weights, self.bank(name).double())
-        return self.scaling[name] * combined.T @ A
+        return self.scaling[name] * self.combined_bank(name).T @ A
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -138,6 +155,19 @@ class LilyLinear(nn.Module):
         router = self.lily_router[name].weight
         theta = torch.log(weights.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny))
         self.lily_theta[name] = nn.Parameter(theta.to(router.dtype), requires_grad=router.requires_grad)
+        del self.lily_router[name]
+        self.routing[name] = "static"
+
+    @torch.no_grad()
+    def set_static_bank(self, name: str, combined: torch.Tensor) -> None:
+        """Replaces the router of adapter ``name`` by this layer's own static combined bank
+        ``Bc [r, out]`` (static routing; any ``[r, out]`` matrix, not only a mix of the shared bank)."""
+        router = self.lily_router[name].weight
+        shape = (self.r[name], self.out_features)
+        if tuple(combined.shape) != shape:
+            raise ValueError(f"combined: expected shape {list(shape)}, got {list(combined.shape)}")
+        bank = combined.to(device=router.device, dtype=router.dtype).clone()
+        self.lily_Bc[name] = nn.Parameter(bank, requires_grad=router.requires_grad)
         del self.lily_router[name]
         self.routing[name] = "static"
 
@@ -172,7 +202,7 @@ class LilyLinear(nn.Module):
         else:
             mask = self.sequence_mask(hidden) if routing == "sequence" else None
             delta = routed_mix(
-                hidden, self.router(name), self.bank(name), scaling=self.scaling[name], mode=routing, mask=mask
+                hidden, self.router(name), self.routed_bank(name), scaling=self.scaling[name], mode=routing, mask=mask
             )
         return result + delta.to(result.dtype)
 
@@ -227,7 +257,11 @@ class LilyLinear(nn.Module):
         return scaling * (z @ self.lily_B[name].weight)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}: r={self.r[n]}, num_B={self.num_B[n]}, routing={self.routing[n]}" for n in self.r)
+        return ", ".join(
+            f"{n}: r={self.r[n]}, num_B={self.num_B[n]}, routing={self.routing[n]}"
+            + (" (own combined bank)" if n in self.lily_Bc else "")
+            for n in self.r
+        )
 
 
 class ModulesToSave(nn.Module):

@@ -257,8 +257,9 @@ class LilyModel(nn.Module):
                 for table in (module.lily_A, module.lily_B, module.lily_router):
                     if adapter_name in table:
                         table[adapter_name].requires_grad_(trainable)
-                if adapter_name in module.lily_theta:
-                    module.lily_theta[adapter_name].requires_grad_(trainable)
+                for table in (module.lily_theta, module.lily_Bc):  # static logits, or a frozen layer's own Bc
+                    if adapter_name in table:
+                        table[adapter_name].requires_grad_(trainable)
             elif adapter_name in module.modules_to_save:
                 module.modules_to_save[adapter_name].requires_grad_(trainable)
 

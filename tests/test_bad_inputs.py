@@ -15,10 +15,12 @@ import pytest
 import torch
 from helpers import TESTS_DIR
 from helpers.models import tiny_bert, tiny_llama
+from helpers.models import token_batch as tiny_bert_ids
 from onnx import TensorProto, helper
 
 import lily_ext
 from lily_ext import AdapterLoadError, LilyConfig, get_lily_model
+from lily_ext.calibration import tune_static
 from lily_ext.export import export_onnx
 from lily_ext.ops import routed_mix
 
@@ -48,6 +50,21 @@ def saved_adapter(damage=None, **config):
         record["format_version"] = 2
         (path / "lily_config.json").write_text(json.dumps(record))
     return path
+
+
+def _bert_adapter(routing="sequence"):
+    return get_lily_model(tiny_bert(), LilyConfig(r=2, target_modules=["query"], routing=routing))
+
+
+def _bert_batch():
+    ids = tiny_bert_ids()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _frozen_bert(method):
+    model = _bert_adapter()
+    lily_ext.freeze_router(model, [_bert_batch()], method=method)
+    return model
 
 
 def saved_peft_adapter():
@@ -212,6 +229,48 @@ CATALOGUE = [
         lambda: lily_ext.freeze_router(tiny_bert(), [()]),
         TypeError,
         r"model: expected a lily_ext.LilyModel",
+    ),
+    (
+        "freeze_router",
+        "unknown method",
+        lambda: lily_ext.freeze_router(_bert_adapter(), [_bert_batch()], method="median"),
+        ValueError,
+        r"method: expected one of 'mean', 'optimal_weights', 'optimal_bc', got 'median'",
+    ),
+    (
+        "freeze_router",
+        "empty calibration",
+        lambda: lily_ext.freeze_router(_bert_adapter(), []),
+        ValueError,
+        r"batches: need at least one calibration batch",
+    ),
+    (
+        "freeze_router",
+        "static adapter",
+        lambda: lily_ext.freeze_router(_bert_adapter("static"), [_bert_batch()]),
+        ValueError,
+        r"already uses static routing",
+    ),
+    (
+        "freeze_router",
+        "tuning without labelled batches",
+        lambda: lily_ext.freeze_router(_bert_adapter(), [_bert_batch()], tune_steps=5),
+        ValueError,
+        r"tune_batches: tune_steps > 0 needs",
+    ),
+    (
+        "tune_static",
+        "dynamic adapter",
+        lambda: tune_static(_bert_adapter(), [_bert_batch()], 5),
+        ValueError,
+        r"uses 'sequence' routing; freeze it first",
+    ),
+    (
+        "save_adapter",
+        "adapter frozen to its own combined banks",
+        lambda: _frozen_bert("optimal_bc").save_adapter(Path(tempfile.mkdtemp(dir=_SCRATCH.name)) / "a"),
+        ValueError,
+        r"own combined bank \(freeze_router method='optimal_bc'\), which checkpoint format version 1 cannot hold",
     ),
 ]
 

