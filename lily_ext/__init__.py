@@ -15,7 +15,7 @@ from ._build.info import build_info  # noqa: E402
 from .calibration import freeze_router, tune_static  # noqa: E402
 from .checkpoint import AdapterLoadError  # noqa: E402
 from .config import LilyConfig  # noqa: E402
-from .export import export_onnx, register_torchscript_symbolic  # noqa: E402
+from .export import export_causal_lm, export_onnx, register_torchscript_symbolic  # noqa: E402
 from .model import LilyModel, NonCausalRoutingWarning, get_lily_model, load_adapter  # noqa: E402
 from .ort import ort_library_path, ort_session  # noqa: E402  (ONNX Runtime custom-op library)
 from .peft_interop import from_peft, load_peft_adapter, patch_peft, unpatch_peft  # noqa: E402
@@ -40,6 +40,7 @@ __all__ = [
     "LilyTrainer",
     "NonCausalRoutingWarning",
     "build_info",
+    "export_causal_lm",
     "export_onnx",
     "freeze_router",
     "from_peft",

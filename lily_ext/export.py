@@ -249,3 +249,391 @@ def export_onnx(
         with atomic_file(path) as tmp:
             onnx.save(proto, str(tmp))
     return proto
+
+
+# ---- causal language models: a decoder with a KV cache (and causal routing's state) ------------------------------
+
+# Dynamic axes, as ONNX Runtime GenAI's model builder names them.
+DECODER_AXES = {
+    "batch": "batch_size",
+    "seq": "sequence_length",
+    "past": "past_sequence_length",
+    "total": "total_sequence_length",
+}
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    return bool(getattr(config, "is_decoder", False)) and hasattr(model, "lm_head")
+
+
+class _StateSlots:
+    """What the decoder wrapper hands to the causal layers during one traced call, and what they hand back."""
+
+    def __init__(self):
+        self.mask = None  # attention_mask [batch, past + seq]
+        self.incoming: dict[str, tuple] = {}
+        self.outgoing: dict[str, tuple] = {}
+
+
+class _CausalLayerWithState(nn.Module):
+    """A causal-routing LilyLinear whose running means continue from explicit state tensors.
+
+    ``C [batch, E]`` (sum of the router probabilities of the unmasked tokens so far) and ``n [batch]``
+    (their count) come in through ``slots.incoming[key]``; the updated pair goes to
+    ``slots.outgoing[key]``. Standard ops only: ``lily.RoutedMix`` takes no state. The formula is
+    ``LilyLinear._causal_mix``'s (float32 sums here)."""
+
+    def __init__(self, layer, name: str, key: str, slots: _StateSlots):
+        super().__init__()
+        self.layer, self.adapter, self.key, self.slots = layer, name, key, slots
+
+    def forward(self, x, *args, **kwargs):
+        layer, name = self.layer, self.adapter
+        result = layer.base_layer(x, *args, **kwargs)
+        A = layer.lily_A[name].weight
+        hidden = torch.nn.functional.linear(x.to(A.dtype), A)  # [batch, seq, r]
+        C0, n0 = self.slots.incoming[self.key]
+        mask = self.slots.mask
+        seq = hidden.shape[1]
+        valid = (mask[:, mask.shape[1] - seq :] != 0).to(hidden.dtype)  # the current tokens' mask
+        router = layer.lily_router[name].weight
+        probs = torch.softmax(hidden @ router.T, dim=-1)
+        C = C0.to(hidden.dtype).unsqueeze(1) + torch.cumsum(probs * valid.unsqueeze(-1), dim=1)
+        n = n0.to(hidden.dtype).unsqueeze(1) + torch.cumsum(valid, dim=1)
+        weights = C / n.clamp_min(1.0).unsqueeze(-1)  # 0 until the first unmasked token (C is 0 too)
+        z = (weights.unsqueeze(-1) * hidden.unsqueeze(-2)).flatten(-2)  # [batch, seq, E * r]
+        delta = layer.scaling[name] * (z @ layer.lily_B[name].weight)
+        self.slots.outgoing[self.key] = (C[:, -1].to(C0.dtype), n[:, -1].to(n0.dtype))
+        return result + delta.to(result.dtype)
+
+
+class _DecoderForExport(nn.Module):
+    """Flat tensors in, flat tensors out: (input_ids, attention_mask[, position_ids], past keys/values,
+    causal states) -> (logits, present keys/values, causal states), through a transformers DynamicCache."""
+
+    def __init__(self, lm: nn.Module, num_layers: int, state_keys: list, slots: _StateSlots, position_ids: bool):
+        super().__init__()
+        self.lm, self.num_layers, self.state_keys, self.slots = lm, num_layers, state_keys, slots
+        self.position_ids = position_ids
+
+    def forward(self, input_ids, attention_mask, position_ids, past, states):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        self.slots.mask = attention_mask
+        self.slots.incoming = {k: (states[2 * j], states[2 * j + 1]) for j, k in enumerate(self.state_keys)}
+        self.slots.outgoing = {}
+        kwargs = {"position_ids": position_ids} if self.position_ids else {}
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, **kwargs)
+        presents = []
+        for layer in cache.layers[: self.num_layers]:
+            presents += [layer.keys, layer.values]
+        new_states = []
+        for k in self.state_keys:
+            new_states += list(self.slots.outgoing[k])
+        return (out.logits, *presents, *new_states)
+
+
+def _decoder_dims(config) -> dict:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return {
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_size": head_dim,
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
+        "context_length": getattr(text, "max_position_embeddings", None) or 2048,
+    }
+
+
+def _rename_dims(proto, names: dict) -> None:
+    """Gives the dynamic axes of the graph's inputs and outputs the names in ``names``
+    (value name -> {axis: name}), and renames the exporter's symbols to match in the value infos."""
+    graph = proto.graph
+    renamed = {}
+    for value in list(graph.input) + list(graph.output):
+        for axis, name in names.get(value.name, {}).items():
+            dim = value.type.tensor_type.shape.dim[axis]
+            if dim.dim_param and dim.dim_param != name:
+                renamed.setdefault(dim.dim_param, name)
+            dim.Clear()
+            dim.dim_param = name
+    for value in graph.value_info:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renamed:
+                dim.dim_param = renamed[dim.dim_param]
+
+
+def _genai_config(dims: dict, model_type: str, form: str, position_ids: bool, library: str | None, tokens: dict):
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if position_ids:
+        inputs["position_ids"] = "position_ids"
+    inputs.update(past_key_names="past_key_values.%d.key", past_value_names="past_key_values.%d.value")
+    session_options = {"log_id": "onnxruntime-genai", "provider_options": []}
+    if library is not None:
+        session_options["custom_ops_library"] = library
+    return {
+        "model": {
+            "bos_token_id": tokens.get("bos"),
+            "context_length": dims["context_length"],
+            "decoder": {
+                "session_options": session_options,
+                "filename": "model.onnx",
+                "head_size": dims["head_size"],
+                "hidden_size": dims["hidden_size"],
+                "inputs": inputs,
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": dims["num_attention_heads"],
+                "num_hidden_layers": dims["num_hidden_layers"],
+                "num_key_value_heads": dims["num_key_value_heads"],
+            },
+            "eos_token_id": tokens.get("eos"),
+            "pad_token_id": tokens.get("pad"),
+            "type": model_type,
+            "vocab_size": dims["vocab_size"],
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": dims["context_length"],
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def _token_ids(lm) -> dict:
+    def first(value):
+        if isinstance(value, (list, tuple)):
+            return value[0] if value else None
+        return value
+
+    gen = getattr(lm, "generation_config", None)
+    config = lm.config
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    eos = eos if eos is not None else getattr(config, "eos_token_id", None)
+    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+    pad = pad if pad is not None else getattr(config, "pad_token_id", None)
+    bos = getattr(gen, "bos_token_id", None) if gen is not None else None
+    bos = bos if bos is not None else getattr(config, "bos_token_id", None)
+    eos_all = eos if isinstance(eos, (list, tuple)) else eos
+    return {"bos": first(bos), "eos": eos_all, "pad": first(pad) if pad is not None else first(eos)}
+
+
+def export_causal_lm(model: nn.Module, out_dir, *, form: str = "custom", calibration=None, tokenizer=None, opset=None):
+    """Exports a causal language model (a LilyModel around a ``...ForCausalLM``, or the plain model) to
+    a deployable folder ``out_dir`` and returns its path.
+
+    The folder holds ``model.onnx`` (inputs ``input_ids``, ``attention_mask``, ``position_ids`` when the
+    architecture takes them, ``past_key_values.{i}.key/.value``; outputs ``logits``,
+    ``present.{i}.key/.value``; dynamic ``batch_size``, ``sequence_length``, ``past_sequence_length``
+    and ``total_sequence_length`` axes), ``genai_config.json`` (ONNX Runtime GenAI),
+    ``lily_decoder.json`` (what ``lily_ext.ort.generate`` needs), for ``custom`` a copy of
+    ``liblily_ort.so``, and the tokenizer's files when ``tokenizer`` is given.
+
+    ``causal`` routing adds, per adapted layer k (in ``lily_decoder.json``'s ``state_layers`` order),
+    inputs ``lily_state.{k}.sum`` ``[batch, E]`` and ``lily_state.{k}.count`` ``[batch]`` (float32;
+    zeros for the prefill) and outputs ``lily_present.{k}.sum`` / ``.count``: the running sums the
+    next step continues from. ONNX Runtime GenAI cannot carry them; run such folders with
+    ``lily_ext.ort.generate``.
+
+    Args:
+        form: ``"custom"`` (``lily.RoutedMix`` nodes where the routing takes no state),
+            ``"decomposed"`` (standard ops only) or ``"merged"`` (the adapter folded into the weights:
+            the base decoder's graph; needs static routing or ``calibration``).
+        calibration: batches (as for ``lily_ext.freeze_router``) to freeze a dynamic router to static
+            weights before exporting (on a copy; ``model`` is left as it is). Required by ``merged`` for
+            dynamic routing.
+        tokenizer: a transformers tokenizer, saved into the folder.
+        opset: ONNX opset version (default: the exporter's).
+
+    Raises ValueError when ``out_dir`` exists and is not empty (the folder is written to a temporary
+    directory beside it and renamed into place when complete), for an unknown form, or for ``merged``
+    on a dynamic router without ``calibration``; TypeError when ``model`` is not a causal LM.
+    """
+    import json
+    import os
+    import shutil
+    import warnings
+    from pathlib import Path
+
+    from ._build.atomic import atomic_directory
+    from .calibration import freeze_router
+    from .ort import DECODER_CONFIG, LIBRARY_NAME, ort_library_path
+
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {', '.join(map(repr, FORMS))}, got {form!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(
+            f"out_dir: {str(out_dir)!r} exists and is not an empty directory; choose a new folder or remove it"
+        )
+    base = model.model if isinstance(model, LilyModel) else model
+    if not _is_causal_lm(base):
+        raise TypeError(
+            f"model: expected a causal language model (a transformers ...ForCausalLM, or a LilyModel around one), got "
+            f"{type(base).__name__}"
+        )
+    routing = model.configs[model.active_adapter].routing if isinstance(model, LilyModel) else None
+    if form == "merged" and routing not in (None, "static") and calibration is None:
+        raise ValueError(
+            f"form 'merged': the active adapter uses {routing!r} routing, which depends on the input; pass "
+            "calibration=batches to freeze it to static weights (lily_ext.freeze_router), or export form 'custom' or "
+            "'decomposed'"
+        )
+    register_onnx_schema()
+    work = copy.deepcopy(model)
+    if isinstance(work, LilyModel) and calibration is not None and routing != "static":
+        freeze_router(work, calibration)
+        routing = "static"
+    if form == "merged" and isinstance(work, LilyModel):
+        lm = work.merge_and_unload()
+    else:
+        lm = work.model if isinstance(work, LilyModel) else work
+    lm.eval()
+
+    slots = _StateSlots()
+    state_layers = []  # (key, E)
+    if isinstance(work, LilyModel) and form != "merged":
+        from .layer import LilyLinear
+        from .targets import set_module
+
+        name = work.active_adapter
+        for path, layer in list(lm.named_modules()):
+            if isinstance(layer, LilyLinear) and layer.routing.get(name) == "causal" and name in layer.lily_A:
+                if layer.disable_adapters or name in layer.merged_adapters:
+                    continue
+                set_module(lm, path, _CausalLayerWithState(layer, name, path, slots))
+                state_layers.append((path, layer.num_B[name]))
+    dims = _decoder_dims(lm.config)
+    layers = dims["num_hidden_layers"]
+    import inspect
+
+    takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
+    wrapper = _DecoderForExport(lm, layers, [k for k, _ in state_layers], slots, takes_position_ids).eval()
+
+    # the example: batch 2, 3 new tokens after 2 past ones (no axis of size 0 or 1, so none is specialised)
+    param = next(lm.parameters())
+    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+    batch, seq, past = 2, 3, 2
+    ids = torch.randint(0, dims["vocab_size"], (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq).unsqueeze(0).expand(batch, -1).contiguous()
+    kv = tuple(
+        torch.randn(batch, dims["num_key_value_heads"], past, dims["head_size"], dtype=dtype) * 0.1
+        for _ in range(2 * layers)
+    )
+    states = []
+    for _, E in state_layers:
+        states += [torch.rand(batch, E) * past / E, torch.full((batch,), float(past))]
+    states = tuple(states)
+
+    B, S, P, T = (DECODER_AXES[a] for a in ("batch", "seq", "past", "total"))
+    input_names = ["input_ids", "attention_mask"] + (["position_ids"] if takes_position_ids else [])
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    state_in = [f"lily_state.{k}.{part}" for k in range(len(state_layers)) for part in ("sum", "count")]
+    input_names += past_names + state_in
+    output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    output_names += [f"lily_present.{k}.{part}" for k in range(len(state_layers)) for part in ("sum", "count")]
+    dynamic = (
+        {0: B, 1: S},
+        {0: B, 1: T},
+        {0: B, 1: S} if takes_position_ids else None,
+        [{0: B, 2: P} for _ in kv],
+        [{0: B} for _ in states],
+    )
+    args = (ids, mask, positions if takes_position_ids else None, list(kv), list(states))
+
+    with torch.no_grad(), _quiet_exporter(), warnings.catch_warnings():
+        # (the exporter's own renaming of axes; _rename_dims names them below)
+        warnings.filterwarnings("ignore", message=".*different number of inputs than the flatten dynamic_shapes")
+        target = wrapper
+        if form == "decomposed":
+            target = _decompose(torch.export.export(wrapper, args, dynamic_shapes=_export_dims(dynamic), strict=False))
+        program = torch.onnx.export(
+            target,
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic if form != "decomposed" else None,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset,
+            custom_translation_table={torch.ops.lily.routed_mix.default: _routed_mix_translation},
+            external_data=False,
+            verbose=False,
+        )
+    proto = program.model_proto
+    axes = {
+        "input_ids": {0: B, 1: S},
+        "attention_mask": {0: B, 1: T},
+        "position_ids": {0: B, 1: S},
+        "logits": {0: B, 1: S},
+    }
+    axes.update({n: {0: B, 2: P} for n in past_names})
+    axes.update({n: {0: B, 2: T} for n in output_names if n.startswith("present.")})
+    axes.update({n: {0: B} for n in output_names + input_names if n.startswith(("lily_state.", "lily_present."))})
+    _rename_dims(proto, axes)
+    uses_op = any(node.domain == DOMAIN for node in proto.graph.node) or any(
+        node.domain == DOMAIN for f in proto.functions for node in f.node
+    )
+    if uses_op and not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.add(domain=DOMAIN, version=DOMAIN_VERSION)
+
+    import onnx
+
+    tokens = _token_ids(lm)
+    library = LIBRARY_NAME if form == "custom" else None
+    with atomic_directory(out_dir) as tmp:
+        tmp = Path(tmp)
+        if proto.ByteSize() > 1_800_000_000:  # protobuf's 2 GiB limit: weights in model.onnx.data
+            onnx.save(proto, str(tmp / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+        else:
+            onnx.save(proto, str(tmp / "model.onnx"))
+        if library is not None:
+            shutil.copy2(ort_library_path(), tmp / LIBRARY_NAME)
+        model_type = getattr(lm.config, "model_type", "llama")
+        genai = _genai_config(dims, model_type, form, takes_position_ids, library, tokens)
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
+        record = {
+            "format": "lily_ext.decoder",
+            "format_version": 1,
+            "form": form,
+            "routing": routing,
+            "custom_ops_library": library,
+            "uses_routed_mix": uses_op,
+            "position_ids": takes_position_ids,
+            "num_hidden_layers": layers,
+            "num_key_value_heads": dims["num_key_value_heads"],
+            "head_size": dims["head_size"],
+            "state_layers": [{"index": i, "layer": k, "num_B": E} for i, (k, E) in enumerate(state_layers)],
+            "eos_token_id": tokens["eos"],
+            "pad_token_id": tokens["pad"],
+            "model_type": model_type,
+        }
+        (tmp / DECODER_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        os.chmod(tmp, 0o755)
+    return out_dir
