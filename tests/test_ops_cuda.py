@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 from helpers import shapes
+from helpers.causal_reference import causal_reference
 from helpers.reference import routed_mix_reference
 from helpers.shapes import CUDA_SHAPES as SHAPES
 from helpers.shapes import CUDA_TOL as TOL
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# modes that take a mask (samples [..., L, r])
+MASKED_MODES = ("sequence", "causal")
 
 
 def make_inputs(lead, E, r, out, mode, dtype=torch.float32, seed=0, device=DEV):
@@ -160,7 +163,7 @@ def test_fully_masked_batch_has_finite_grads():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cpu_and_cuda_agree(mode, lead, dtype):
     hidden, router, bank = make_inputs(lead, 3, 24, 40, mode, dtype, device="cpu")
-    mask = random_mask(lead) if mode == "sequence" else None
+    mask = random_mask(lead) if mode in MASKED_MODES else None
     cpu_out, cpu_grads, grad = forward_and_grads(hidden, router, bank, mode, mask=mask)
     gpu_out, gpu_grads, _ = forward_and_grads(
         hidden.to(DEV), router.to(DEV), bank.to(DEV), mode, mask=None if mask is None else mask.to(DEV), grad=grad
@@ -176,7 +179,7 @@ def test_cpu_and_cuda_agree(mode, lead, dtype):
 def test_reproducible_run_to_run(mode, dtype):
     for lead in ((3, 9), (6, 900)):
         hidden, router, bank = make_inputs(lead, 4, 32, 96, mode, dtype)
-        mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+        mask = random_mask(lead).to(DEV) if mode in MASKED_MODES else None
         first = forward_and_grads(hidden, router, bank, mode, mask=mask)
         second = forward_and_grads(hidden, router, bank, mode, mask=mask, grad=first[2])
         assert torch.equal(first[0], second[0])
@@ -202,7 +205,7 @@ def _poison_caching_allocator():
 def test_outputs_never_hold_uninitialised_memory(mode, shape, dtype):
     lead, E, r, out = shape
     hidden, router, bank = make_inputs(lead, E, r, out, mode, dtype)
-    mask = random_mask(lead).to(DEV) if mode == "sequence" and len(lead) >= 2 else None
+    mask = random_mask(lead).to(DEV) if mode in MASKED_MODES and len(lead) >= 2 else None
     grad = torch.randn(*lead, out, device=DEV, dtype=dtype)
     _poison_caching_allocator()
     delta = torch.ops.lily.routed_mix.default(hidden, router, bank, 0.5, mode, mask)
@@ -240,13 +243,13 @@ def test_non_contiguous_inputs(mode):
     check_against_reference(hidden, router, bank, mode)
 
 
-@pytest.mark.parametrize("mode", ["token", "sequence"])
+@pytest.mark.parametrize("mode", ["token", "sequence", "causal"])
 def test_kron_forward_paths_agree(mode):
     # the tiled kernel (default) and (W kron h) chunks + cuBLAS, and tiny scratch budgets
     lead = (300,)
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         hidden, router, bank = make_inputs(lead, 3, 16, 72, mode, dtype)
-        mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+        mask = random_mask(lead).to(DEV) if mode in MASKED_MODES else None
         base = forward_and_grads(hidden, router, bank, mode, mask=mask)
         for knobs in (
             {"LILY_CUDA_KRON": "gemm"},
@@ -312,6 +315,8 @@ TF32_CASES = [
     ((300,), 3, 32, 96, "token", {"LILY_CUDA_KRON": "gemm"}),
     ((300,), 3, 32, 96, "token", {}),
     ((300,), 3, 32, 96, "static", {}),
+    ((3, 100), 3, 32, 96, "causal", {}),
+    ((3, 100), 3, 32, 96, "causal", {"LILY_CUDA_KRON": "gemm"}),
 ]
 
 
@@ -322,7 +327,7 @@ def test_float32_ignores_tf32_switch(case):
     # the CPU kernels' to 1e-5
     lead, E, r, out, mode, knobs = case
     hidden, router, bank = make_inputs(lead, E, r, out, mode, torch.float32)
-    mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+    mask = random_mask(lead).to(DEV) if mode in MASKED_MODES else None
     a = torch.randn(512, 512, device=DEV)
     b = torch.randn(512, 512, device=DEV)
     with env(**knobs):
@@ -356,7 +361,7 @@ def test_half_types_ignore_reduced_precision_reduction_switch(case, dtype):
     # of the same dtype first leaves the handle in the math mode torch picked for it
     lead, E, r, out, mode, knobs = case
     hidden, router, bank = make_inputs(lead, E, r, out, mode, dtype)
-    mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+    mask = random_mask(lead).to(DEV) if mode in MASKED_MODES else None
     a = torch.randn(256, 4096, device=DEV, dtype=dtype)
     results = []
     with env(**knobs):
@@ -401,7 +406,7 @@ def test_runs_on_the_current_stream():
 def test_opcheck(mode):
     for lead in ((2, 5), (2, 70)):
         hidden, router, bank = make_inputs(lead, 3, 4, 6, mode, torch.float32)
-        mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+        mask = random_mask(lead).to(DEV) if mode in MASKED_MODES else None
         args = (hidden.requires_grad_(), router.requires_grad_(), bank.requires_grad_(), 0.5, mode, mask)
         torch.library.opcheck(torch.ops.lily.routed_mix.default, args)
         grad = torch.randn(*lead, 6, device=DEV)
@@ -414,7 +419,7 @@ def test_opcheck(mode):
 def test_gradcheck(mode):
     for lead in ((3, 4), (2, 40)):
         hidden, router, bank = make_inputs(lead, 3, 5, 6, mode, torch.float64)
-        mask = random_mask(lead).to(DEV) if mode == "sequence" else None
+        mask = random_mask(lead).to(DEV) if mode in MASKED_MODES else None
         leaves = tuple(t.requires_grad_() for t in (hidden, router, bank))
         assert torch.autograd.gradcheck(
             lambda h, R, B, mask=mask: routed_mix(h, R, B, scaling=0.8, mode=mode, mask=mask), leaves
@@ -426,7 +431,7 @@ def test_torch_compile_fullgraph(mode):
     hidden, router, bank = make_inputs((2, 6), 3, 8, 10, mode)
     mask = (
         torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool, device=DEV)
-        if mode == "sequence"
+        if mode in MASKED_MODES
         else None
     )
 
@@ -472,3 +477,121 @@ def test_training_size_bfloat16(mode):
     assert rel_err(out_bf16, ref) <= 3e-2
     for mine, theirs in zip(grads, (h.grad, R.grad, B.grad)):
         assert rel_err(mine, theirs) <= 1.2e-1
+
+
+# ---- causal mode against its own float64 reference (tests/helpers/causal_reference.py) ----------
+
+
+def causal_mask(lead, kind, seed=0):
+    """None, "random" (a fully masked second sample, masked first tokens) or "left" (left padding:
+    sample g starts with (3 g + 1) mod (L + 1) masked tokens, from none to all)."""
+    if kind is None:
+        return None
+    if kind == "random":
+        return random_mask(lead, seed)
+    L = lead[-1] if len(lead) >= 2 else 1
+    samples = torch.tensor(lead).prod().item() // L
+    pad = (torch.arange(samples) * 3 + 1) % (L + 1)
+    return (torch.arange(L)[None, :] >= pad[:, None]).reshape(lead)
+
+
+def check_causal(hidden, router, bank, mask=None, tol=None):
+    tol = tol or TOL[hidden.dtype]
+    out, grads, grad = forward_and_grads(hidden, router, bank, "causal", mask=mask)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (hidden, router, bank)]
+    ref = causal_reference(*leaves, scaling=0.7, mask=None if mask is None else mask.cpu())
+    (ref * grad.to(hidden.dtype).cpu().double().reshape(ref.shape)).sum().backward()
+    assert out.shape == ref.shape and out.dtype == hidden.dtype and out.device.type == "cuda"
+    assert rel_err(out, ref) <= tol, f"forward error {rel_err(out, ref):.2e}"
+    for name, mine, theirs in zip(("hidden", "router", "bank"), grads, (t.grad for t in leaves)):
+        assert rel_err(mine, theirs) <= 4 * tol, f"d{name} error {rel_err(mine, theirs):.2e}"
+    if mask is not None:  # tokens before their sample's first unmasked token: an exact zero delta
+        m = mask.reshape(-1, mask.shape[-1] if mask.dim() >= 2 else 1).cpu() != 0
+        none_yet = (m.long().cumsum(-1) == 0).reshape(mask.shape).to(DEV)
+        assert torch.equal(out[none_yet], torch.zeros_like(out[none_yet]))
+    return out
+
+
+CAUSAL_SHAPES = [
+    ((7,), 4, 16, 24),  # 2-D: one token per sample, fused small-N forward
+    ((1, 1), 2, 1, 1),
+    ((6, 1), 2, 4, 8),  # L = 1
+    ((5, 7), 3, 8, 33),  # small-N forward, per-row backward
+    ((2, 3, 10), 2, 5, 9),
+    ((3, 70), 2, 9, 300),  # routing kernels + scan, tiled (W kron h)
+    ((2, 300), 4, 16, 136),  # several rows per scan thread, vector tile loads
+    ((1, 333), 40, 8, 24),  # E > 32
+    ((4, 1000), 4, 64, 264),
+]
+
+
+@pytest.mark.parametrize("mask_kind", [None, "random", "left"], ids=str)
+@pytest.mark.parametrize("shape", CAUSAL_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_matches_reference(shape, mask_kind, dtype):
+    lead, E, r, out = shape
+    hidden, router, bank = make_inputs(lead, E, r, out, "causal", dtype)
+    mask = causal_mask(lead, mask_kind)
+    check_causal(hidden, router, bank, mask=None if mask is None else mask.to(DEV))
+
+
+@pytest.mark.parametrize("lead", [(4, 6), (3, 100), (2, 400)], ids=lambda s: "x".join(map(str, s)))
+def test_causal_later_tokens_do_not_reach_earlier_ones(lead):
+    # poking token t of a sample leaves every earlier token of it, and every other sample, unchanged
+    hidden, router, bank = make_inputs(lead, 3, 8, 12, "causal", torch.float64)
+    mask = causal_mask(lead, "left").to(DEV)
+    out = routed_mix(hidden, router, bank, mode="causal", mask=mask)
+    t = lead[1] // 2
+    poked = hidden.clone()
+    poked[-1, t:] += 3.0
+    moved = routed_mix(poked, router, bank, mode="causal", mask=mask)
+    torch.testing.assert_close(moved[:-1], out[:-1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(moved[-1, :t], out[-1, :t], rtol=0, atol=1e-12)
+    assert not torch.allclose(moved[-1, t:], out[-1, t:])
+
+
+def test_causal_batch_invariant():
+    # a sample's result does not depend on the other samples of the call
+    lead = (4, 150)
+    hidden, router, bank = make_inputs(lead, 3, 16, 40, "causal", torch.float32)
+    mask = causal_mask(lead, "left").to(DEV)
+    together = routed_mix(hidden, router, bank, mode="causal", mask=mask)
+    for b in range(lead[0]):
+        alone = routed_mix(hidden[b : b + 1], router, bank, mode="causal", mask=mask[b : b + 1])
+        torch.testing.assert_close(alone[0], together[b], rtol=1e-5, atol=1e-6)
+
+
+def test_causal_fully_masked_has_zero_delta_and_finite_grads():
+    for lead in ((2, 3), (2, 100)):
+        hidden, router, bank = make_inputs(lead, 2, 4, 5, "causal", torch.float32)
+        leaves = [t.requires_grad_() for t in (hidden, router, bank)]
+        out = routed_mix(*leaves, mode="causal", mask=torch.zeros(lead, dtype=torch.bool, device=DEV))
+        assert torch.equal(out, torch.zeros_like(out))
+        out.sum().backward()
+        for t in leaves:
+            assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("mask_kind", [None, "random", "left"], ids=str)
+@pytest.mark.parametrize("lead", [(5, 7), (4, 300), (2, 2), (700,)], ids=lambda s: "x".join(map(str, s)))
+def test_causal_cpu_and_cuda_agree(lead, mask_kind):
+    hidden, router, bank = make_inputs(lead, 3, 24, 40, "causal", torch.float64, device="cpu")
+    mask = causal_mask(lead, mask_kind)
+    cpu_out, cpu_grads, grad = forward_and_grads(hidden, router, bank, "causal", mask=mask)
+    gpu_out, gpu_grads, _ = forward_and_grads(
+        hidden.to(DEV), router.to(DEV), bank.to(DEV), "causal", mask=None if mask is None else mask.to(DEV), grad=grad
+    )
+    assert rel_err(gpu_out, cpu_out) <= 1e-12
+    for mine, theirs in zip(gpu_grads, cpu_grads):
+        assert rel_err(mine, theirs) <= 4e-12
+
+
+def test_causal_gradcheck():
+    for lead, kind in (((3, 4), "random"), ((2, 40), "left"), ((5,), None)):
+        hidden, router, bank = make_inputs(lead, 3, 5, 6, "causal", torch.float64)
+        mask = causal_mask(lead, kind)
+        mask = None if mask is None else mask.to(DEV)
+        leaves = tuple(t.requires_grad_() for t in (hidden, router, bank))
+        assert torch.autograd.gradcheck(
+            lambda h, R, B, mask=mask: routed_mix(h, R, B, scaling=0.8, mode="causal", mask=mask), leaves
+        )

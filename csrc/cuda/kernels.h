@@ -54,13 +54,28 @@ template <typename A>
 std::string launch_router_finalize(const A* partial, int64_t groups, int64_t chunks, int experts, A* weights,
                                    A* inv_count, cudaStream_t stream);
 
+// Causal weights (causal mode), one block per sample of group_rows rows, rows in
+// order: weights[n] = (sum over the sample's rows u <= n with mask[u] != 0 of
+// probs[u]) / (their count), or 0 while that count is 0. probs may alias weights.
+template <typename A>
+std::string launch_causal_weights(const A* probs, const uint8_t* mask, int64_t groups, int64_t group_rows, int experts,
+                                  A* weights, cudaStream_t stream);
+
+// Backward of launch_causal_weights, per sample: with n_t the count above,
+// dprobs[u] = mask[u] * sum over the sample's rows t >= u of dweights[t] / n_t
+// (terms with n_t = 0 are 0). dweights may alias dprobs.
+template <typename A>
+std::string launch_causal_backward(const A* dweights, const uint8_t* mask, int64_t groups, int64_t group_rows,
+                                   int experts, A* dprobs, cudaStream_t stream);
+
 // weights = softmax(theta) (static mode).
 template <typename T>
 std::string launch_static_weights(const T* theta, int experts, acc_type<T>* weights, cudaStream_t stream);
 
 // Softmax backward per row: dP from the mixing-weight gradient (mode-dependent:
-// batch dW / N, token dW[n], sequence mask[n] * dW[g] * inv_count[g], with
-// inv_count null meaning 1), dlogit = P * (dP - <P, dP>);
+// batch dW / N, token dW[n], causal dW[n] (already dP, from launch_causal_backward),
+// sequence mask[n] * dW[g] * inv_count[g], with inv_count null meaning 1),
+// dlogit = P * (dP - <P, dP>);
 // dhidden[n] = T(dh_mix[n] + dlogit @ router); dlogits[n] = dlogit.
 template <typename T>
 std::string launch_router_backward_rows(const T* router, const acc_type<T>* probs, const acc_type<T>* dweights,
@@ -164,7 +179,8 @@ struct SmallMixPlan {
 inline SmallMixPlan plan_small_mix(const MixShape& s, size_t acc_size) {
   SmallMixPlan p;
   if (s.rows < 1 || s.rows > kSmallMixRows) return p;
-  p.per_row = s.groups > 1;
+  const bool causal = s.mode == Mode::kCausal;  // weights per row: [N, E]
+  p.per_row = s.groups > 1 || causal;
   p.k_total = p.per_row ? s.experts * s.rank : s.rank;
   p.col_tiles = (s.out + kSmallMixCols - 1) / kSmallMixCols;
   const int64_t chunks = (p.k_total + kSmallMixK - 1) / kSmallMixK;
@@ -172,7 +188,7 @@ inline SmallMixPlan plan_small_mix(const MixShape& s, size_t acc_size) {
   const int64_t chunks_per_split = (chunks + splits - 1) / splits;
   p.splits = (chunks + chunks_per_split - 1) / chunks_per_split;
   p.k_per_split = chunks_per_split * kSmallMixK;
-  const int64_t groups = s.mode == Mode::kStatic ? 1 : s.groups;
+  const int64_t groups = s.mode == Mode::kStatic ? 1 : (causal ? s.rows : s.groups);
   p.smem_bytes = acc_size * static_cast<size_t>(kSmallMixK * kSmallMixCols + s.rows * kSmallMixK + s.rows * s.experts +
                                                 groups * s.experts);
   p.fits = p.smem_bytes <= kSmallMixMaxSmem;

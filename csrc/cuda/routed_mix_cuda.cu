@@ -297,8 +297,12 @@ std::string forward_impl(const MixShape& s, double scaling, const T* hidden, con
       return launch_small_mix<T>(s, p.small, sc, hidden, router, bank, mask, delta, p.small_partial, stream);
     case ForwardPath::kPerRowTiled:
     case ForwardPath::kPerRowGemm: {
-      // per-row weights: softmax rows, zero where the mask (sequence, L == 1) drops the token
-      LILY_TRY(launch_router_rows<T>(hidden, router, mask, r, e32, N, 1, nullptr, p.weights, nullptr, stream));
+      // per-row weights: softmax rows, zero where the mask (sequence, L == 1) drops the token;
+      // causal: the running masked mean of the sample's softmax rows, in place
+      const bool causal = s.mode == Mode::kCausal;
+      LILY_TRY(launch_router_rows<T>(hidden, router, causal ? nullptr : mask, r, e32, N, 1, nullptr, p.weights, nullptr,
+                                     stream));
+      if (causal) LILY_TRY(launch_causal_weights<A>(p.weights, mask, s.groups, L, e32, p.weights, stream));
       if (p.path == ForwardPath::kPerRowTiled)
         return launch_kron_gemm<T>(p.weights, hidden, bank, N, r, e32, out, sc, delta, stream);
       BlasScope scope;
@@ -348,15 +352,15 @@ struct BackwardPlan {
   bool per_row = false;
   int64_t chunk_rows = 0, group_batch = 0;
   A* probs = nullptr;           // [N, E] (not static)
-  A* weights = nullptr;         // [groups, E]; token: null (the probs are the weights)
+  A* weights = nullptr;         // [groups, E]; causal: [N, E]; token: null (the probs are the weights)
   A* inv_count = nullptr;       // sequence with L > 1
   A* router_partial = nullptr;  // batch, sequence with L > 1
-  A* dweights = nullptr;        // [groups, E]
+  A* dweights = nullptr;        // [groups, E]; token: [N, E]; causal: null (dP goes to dweights_row)
   A* dh_mix = nullptr;          // [N, r]; null: dhidden itself (T is the accumulation type)
   A* dlogits = nullptr;         // [N, E] (not static)
   A* drouter_partial = nullptr;
   // per-row path
-  A* dweights_row = nullptr;  // [N, E] (not token)
+  A* dweights_row = nullptr;  // [N, E] (not token; causal: dW, then dP in place)
   T* kron = nullptr;          // [chunk_rows, E * r]
   A* dkron = nullptr;         // [chunk_rows, E * r]
   // both paths: float accumulator of dbank when T is not the accumulation type
@@ -378,19 +382,20 @@ BackwardPlan<T> plan_backward(const MixShape& s, void* workspace) {
   if (s.rows == 0) return p;
   const int64_t N = s.rows, E = s.experts, r = s.rank, out = s.out, L = s.group_rows, G = s.groups;
   const bool is_static = s.mode == Mode::kStatic, token = s.mode == Mode::kToken;
+  const bool causal = s.mode == Mode::kCausal;
   if (!is_static) p.probs = cv.take<A>(N * E);
-  if (!token) p.weights = cv.take<A>(G * E);
+  if (!token) p.weights = cv.take<A>(causal ? N * E : G * E);
   if (s.mode == Mode::kSequence && L > 1) p.inv_count = cv.take<A>(G);
   if (s.mode == Mode::kBatch || (s.mode == Mode::kSequence && L > 1))
     p.router_partial = cv.take<A>(G * router_chunks(L) * (E + 1));
-  p.dweights = cv.take<A>(G * E);
+  if (!causal) p.dweights = cv.take<A>(G * E);
   if (!kAccIsT) p.dh_mix = cv.take<A>(N * r);
   if (!is_static) {
     p.dlogits = cv.take<A>(N * E);
     p.drouter_partial = cv.take<A>(router_grad_blocks(N) * E * r);
   }
   const size_t budget = scratch_budget();
-  p.per_row = token || L <= kPerRowBackwardRows;
+  p.per_row = token || causal || L <= kPerRowBackwardRows;
   if (p.per_row) {
     const int64_t K = E * r;
     if (!token) p.dweights_row = cv.take<A>(N * E);
@@ -420,6 +425,7 @@ std::string backward_impl(const MixShape& s, double scaling, const T* grad, cons
   const int64_t N = s.rows, E = s.experts, r = s.rank, out = s.out, L = s.group_rows, G = s.groups;
   const int e32 = static_cast<int>(E);
   const bool is_static = s.mode == Mode::kStatic, token = s.mode == Mode::kToken;
+  const bool causal = s.mode == Mode::kCausal;
   if (N == 0) {  // no rows: the router and bank get zero gradients
     LILY_CUDA_CHECK(cudaMemsetAsync(drouter, 0, sizeof(T) * (is_static ? E : E * r), stream));
     LILY_CUDA_CHECK(cudaMemsetAsync(dbank, 0, sizeof(T) * E * r * out, stream));
@@ -440,6 +446,10 @@ std::string backward_impl(const MixShape& s, double scaling, const T* grad, cons
   } else if (token) {
     LILY_TRY(launch_router_rows<T>(hidden, router, nullptr, r, e32, N, 1, p.probs, nullptr, nullptr, stream));
     W = p.probs;
+    weight_rows = 1;
+  } else if (causal) {  // softmax rows, then their running masked means per sample
+    LILY_TRY(launch_router_rows<T>(hidden, router, nullptr, r, e32, N, 1, p.probs, nullptr, nullptr, stream));
+    LILY_TRY(launch_causal_weights<A>(p.probs, mask, G, L, e32, p.weights, stream));
     weight_rows = 1;
   } else if (L == 1) {  // sequence, one token per sample: masked softmax rows
     LILY_TRY(launch_router_rows<T>(hidden, router, mask, r, e32, N, 1, p.probs, p.weights, nullptr, stream));
@@ -466,7 +476,10 @@ std::string backward_impl(const MixShape& s, double scaling, const T* grad, cons
       LILY_TRY(launch_kron_rows_backward<T>(W, weight_rows, hidden, p.dkron, n0, rows, r, e32, dW_row, dh_mix, stream));
     }
     if (p.dbank_acc != nullptr) LILY_TRY(launch_convert<T>(p.dbank_acc, K * out, dbank, stream));
-    if (!token) LILY_TRY(launch_sum_group_rows<A>(dW_row, G, L, e32, p.dweights, stream));
+    if (causal)  // dW per row -> dP per row, in place
+      LILY_TRY(launch_causal_backward<A>(dW_row, mask, G, L, e32, dW_row, stream));
+    else if (!token)
+      LILY_TRY(launch_sum_group_rows<A>(dW_row, G, L, e32, p.dweights, stream));
   } else {
     // Per batch of groups: dBc_g = s h_g^T G_g (cuBLAS), one pass over the bank
     // (Bc_g, dw partials, dBk), dh_g = s G_g Bc_g^T (cuBLAS).
@@ -493,8 +506,8 @@ std::string backward_impl(const MixShape& s, double scaling, const T* grad, cons
     if (p.dh_mix != nullptr) LILY_TRY(launch_convert<T>(p.dh_mix, N * r, dhidden, stream));
     return "";
   }
-  LILY_TRY(launch_router_backward_rows<T>(router, p.probs, p.dweights, p.inv_count, mask, N, r, e32, L, s.mode, dh_mix,
-                                          dhidden, p.dlogits, stream));
+  LILY_TRY(launch_router_backward_rows<T>(router, p.probs, causal ? p.dweights_row : p.dweights, p.inv_count, mask, N,
+                                          r, e32, L, s.mode, dh_mix, dhidden, p.dlogits, stream));
   return launch_router_grad<T>(hidden, p.dlogits, N, r, e32, p.drouter_partial, drouter, stream);
 }
 

@@ -108,6 +108,107 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (threadIdx.x == 0 && inv_count != nullptr) inv_count[g] = inv;
 }
 
+// ---- causal running means: one block per sample, a segmented scan along its rows -------------
+//
+// Thread t of the block's T threads owns the contiguous rows [t * per, (t + 1) *
+// per) of the sample (per = ceil(L / T), T = scan_threads(L): a power of two up
+// to kScanThreads, so short samples do not pay for idle threads and barriers); per expert, each thread sums its rows in
+// order, a block scan (fixed order) gives the sum of the chunks before (after,
+// for the backward) its own, and a second walk over its rows writes the running
+// values. The order of additions depends only on L: results are reproducible and
+// do not depend on the other samples of the call.
+
+constexpr int kScanThreads = 128;
+
+inline int scan_threads(int64_t group_rows) {
+  int threads = 1;
+  while (threads < kScanThreads && threads < group_rows) threads <<= 1;
+  return threads;
+}
+
+// Exclusive prefix sum over the block in the order of `pos` (a permutation of
+// the thread ids): the sum of the values of the threads with a smaller pos.
+// Hillis-Steele in shared memory (buf: blockDim.x values); every thread must call it.
+template <typename V>
+__device__ __forceinline__ V block_exclusive_scan(V v, V* buf, int pos) {
+  buf[pos] = v;
+  __syncthreads();
+  for (int offset = 1; offset < static_cast<int>(blockDim.x); offset <<= 1) {
+    const V add = pos >= offset ? buf[pos - offset] : V(0);
+    __syncthreads();
+    if (pos >= offset) buf[pos] += add;
+    __syncthreads();
+  }
+  const V before = pos > 0 ? buf[pos - 1] : V(0);
+  __syncthreads();  // buf may be reused right after
+  return before;
+}
+
+__device__ __forceinline__ bool keeps(const uint8_t* mask, int64_t n) { return mask == nullptr || mask[n] != 0; }
+
+// probs may alias weights: each element is read, then written, by the same thread.
+template <typename A>
+__global__ void __launch_bounds__(kScanThreads) causal_weights_kernel(const A* probs, const uint8_t* __restrict__ mask,
+                                                                      int64_t group_rows, int experts, A* weights) {
+  __shared__ A scan[kScanThreads];
+  __shared__ long long count_scan[kScanThreads];
+  const int t = threadIdx.x;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * group_rows;
+  const int64_t per = (group_rows + blockDim.x - 1) / blockDim.x;
+  const int64_t r0 = base + min(group_rows, t * per), r1 = base + min(group_rows, (t + 1) * per);
+  long long mine = 0;
+  for (int64_t n = r0; n < r1; ++n) mine += keeps(mask, n) ? 1 : 0;
+  const long long count0 = block_exclusive_scan(mine, count_scan, t);
+  for (int e = 0; e < experts; ++e) {
+    A part = 0;
+    for (int64_t n = r0; n < r1; ++n)
+      if (keeps(mask, n)) part += probs[n * experts + e];
+    A run = block_exclusive_scan(part, scan, t);
+    long long count = count0;
+    for (int64_t n = r0; n < r1; ++n) {
+      if (keeps(mask, n)) {
+        run += probs[n * experts + e];
+        ++count;
+      }
+      weights[n * experts + e] = count > 0 ? run / static_cast<A>(count) : A(0);
+    }
+  }
+}
+
+// dweights may alias dprobs: each element is read, then written, by the same thread.
+template <typename A>
+__global__ void __launch_bounds__(kScanThreads)
+    causal_backward_kernel(const A* dweights, const uint8_t* __restrict__ mask, int64_t group_rows, int experts,
+                           A* dprobs) {
+  __shared__ A scan[kScanThreads];
+  __shared__ long long count_scan[kScanThreads];
+  const int t = threadIdx.x;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * group_rows;
+  const int64_t per = (group_rows + blockDim.x - 1) / blockDim.x;
+  const int64_t r0 = base + min(group_rows, t * per), r1 = base + min(group_rows, (t + 1) * per);
+  long long mine = 0;
+  for (int64_t n = r0; n < r1; ++n) mine += keeps(mask, n) ? 1 : 0;
+  // count of unmasked rows up to and including the chunk's last row
+  const long long count_end = block_exclusive_scan(mine, count_scan, t) + mine;
+  for (int e = 0; e < experts; ++e) {
+    // dC_n = dweights[n] / count_n, summed from the chunk's last row backwards
+    A part = 0;
+    long long count = count_end;
+    for (int64_t n = r1 - 1; n >= r0; --n) {
+      if (count > 0) part += dweights[n * experts + e] / static_cast<A>(count);
+      if (keeps(mask, n)) --count;
+    }
+    A run = block_exclusive_scan(part, scan, static_cast<int>(blockDim.x) - 1 - t);  // the chunks after this one
+    count = count_end;
+    for (int64_t n = r1 - 1; n >= r0; --n) {
+      const bool keep = keeps(mask, n);
+      if (count > 0) run += dweights[n * experts + e] / static_cast<A>(count);
+      dprobs[n * experts + e] = keep ? run : A(0);
+      if (keep) --count;
+    }
+  }
+}
+
 template <typename T>
 __global__ void static_weights_kernel(const T* __restrict__ theta, int experts, acc_t<T>* __restrict__ weights) {
   using A = acc_t<T>;
@@ -144,9 +245,9 @@ __global__ void __launch_bounds__(kThreads)
   A dp_scale = 1, dp_div = 1;
   if (mode == static_cast<int>(Mode::kBatch)) {
     dp_div = static_cast<A>(rows);
-  } else if (mode == static_cast<int>(Mode::kToken)) {
-    dw = dweights + n * experts;
-  } else {  // sequence
+  } else if (mode == static_cast<int>(Mode::kToken) || mode == static_cast<int>(Mode::kCausal)) {
+    dw = dweights + n * experts;  // causal: dP itself (launch_causal_backward), mask already applied
+  } else {                        // sequence
     dw = dweights + g * experts;
     dp_scale = (mask != nullptr && mask[n] == 0) ? A(0) : (inv_count != nullptr ? inv_count[g] : A(1));
   }
@@ -264,6 +365,24 @@ std::string launch_router_finalize(const A* partial, int64_t groups, int64_t chu
   return "";
 }
 
+template <typename A>
+std::string launch_causal_weights(const A* probs, const uint8_t* mask, int64_t groups, int64_t group_rows, int experts,
+                                  A* weights, cudaStream_t stream) {
+  if (groups == 0 || group_rows == 0) return "";
+  LILY_LAUNCH("causal_weights_kernel", causal_weights_kernel<A>
+              <<<groups, scan_threads(group_rows), 0, stream>>>(probs, mask, group_rows, experts, weights));
+  return "";
+}
+
+template <typename A>
+std::string launch_causal_backward(const A* dweights, const uint8_t* mask, int64_t groups, int64_t group_rows,
+                                   int experts, A* dprobs, cudaStream_t stream) {
+  if (groups == 0 || group_rows == 0) return "";
+  LILY_LAUNCH("causal_backward_kernel", causal_backward_kernel<A>
+              <<<groups, scan_threads(group_rows), 0, stream>>>(dweights, mask, group_rows, experts, dprobs));
+  return "";
+}
+
 template <typename T>
 std::string launch_static_weights(const T* theta, int experts, acc_t<T>* weights, cudaStream_t stream) {
   LILY_LAUNCH("static_weights_kernel", static_weights_kernel<T><<<1, 32, 0, stream>>>(theta, experts, weights));
@@ -351,10 +470,12 @@ LILY_INSTANTIATE_T(double)
 LILY_INSTANTIATE_T(__half)
 LILY_INSTANTIATE_T(__nv_bfloat16)
 
-#define LILY_INSTANTIATE_A(A)                                                                            \
-  template std::string launch_router_finalize<A>(const A*, int64_t, int64_t, int, A*, A*, cudaStream_t); \
-  template std::string launch_sum_group_rows<A>(const A*, int64_t, int64_t, int, A*, cudaStream_t);      \
-  template std::string launch_sum_partials<A>(const A*, int64_t, int64_t, int, A*, cudaStream_t);
+#define LILY_INSTANTIATE_A(A)                                                                                       \
+  template std::string launch_router_finalize<A>(const A*, int64_t, int64_t, int, A*, A*, cudaStream_t);            \
+  template std::string launch_sum_group_rows<A>(const A*, int64_t, int64_t, int, A*, cudaStream_t);                 \
+  template std::string launch_sum_partials<A>(const A*, int64_t, int64_t, int, A*, cudaStream_t);                   \
+  template std::string launch_causal_weights<A>(const A*, const uint8_t*, int64_t, int64_t, int, A*, cudaStream_t); \
+  template std::string launch_causal_backward<A>(const A*, const uint8_t*, int64_t, int64_t, int, A*, cudaStream_t);
 
 LILY_INSTANTIATE_A(float)
 LILY_INSTANTIATE_A(double)

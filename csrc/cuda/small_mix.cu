@@ -45,7 +45,8 @@ __global__ void __launch_bounds__(kThreads) small_mix_kernel(const SmallMixArgs<
   A* tile = reinterpret_cast<A*>(smem_raw);  // [kK, kCols]
   A* lhs = tile + kK * kCols;                // [N, kK]
   A* probs = lhs + N * kK;                   // [N, E]
-  A* W = probs + N * E;                      // [groups, E]
+  A* W = probs + N * E;                      // [groups, E]; causal: [N, E]
+  const bool causal = a.mode == static_cast<int>(Mode::kCausal);
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
 
   // 1. routing of every row, in shared memory
@@ -88,11 +89,14 @@ __global__ void __launch_bounds__(kThreads) small_mix_kernel(const SmallMixArgs<
       A total = 0;
       int count = 0;
       for (int n = g * a.group_rows; n < (g + 1) * a.group_rows; ++n) {
-        if (a.mask != nullptr && a.mask[n] == 0) continue;
-        total += probs[n * E + e];
-        ++count;
+        if (a.mask == nullptr || a.mask[n] != 0) {
+          total += probs[n * E + e];
+          ++count;
+        }
+        // causal: the running mean up to row n (0 before the sample's first unmasked row)
+        if (causal) W[n * E + e] = count > 0 ? total / static_cast<A>(count) : A(0);
       }
-      W[q] = count > 0 ? total / static_cast<A>(count) : A(0);
+      if (!causal) W[q] = count > 0 ? total / static_cast<A>(count) : A(0);
     }
   }
   __syncthreads();
@@ -132,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) small_mix_kernel(const SmallMixArgs<
       if (k < k_end) {
         if (a.per_row) {
           const int64_t e = k / a.rank, i = k - e * a.rank;
-          v = W[(n / a.group_rows) * E + e] * to_acc(a.hidden[n * a.rank + i]);
+          v = W[(causal ? n : n / a.group_rows) * E + e] * to_acc(a.hidden[n * a.rank + i]);
         } else {
           v = to_acc(a.hidden[n * a.rank + k]);
         }

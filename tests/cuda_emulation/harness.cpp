@@ -2,15 +2,14 @@
 // the CPU emulation of include/emu.h) over edge-case shapes, every mode and
 // dtype, and the path-selecting environment variables, against the CPU
 // implementation (csrc/lily/cpu_routed_mix.h) in float64 on the same rounded
-// inputs. Outputs and workspace start as NaN bytes and are followed by guard
-// bytes, so unwritten outputs, reads of unwritten scratch and overruns show.
-// Every call finds the cuBLAS handle as torch may leave it (TF32 math mode,
-// device pointer mode, another stream); each GEMM must run under the precision
-// policy (routed_mix_cuda.h) and the handle must be put back. The handle is
-// passed only when the call's plan says it uses cuBLAS (else null, as the torch
-// binding does). run_policy_cases checks the launch-error attribution, the
-// knobs read once and the compute capability cached per device.
-// Prints one line per case; exit code 1 if any case fails.
+// inputs; causal mode against causal_reference below (float64, written from the
+// definition in docs/DESIGN.md, independent of the CPU kernels). Outputs and workspace start as NaN bytes and are
+// followed by guard bytes, so unwritten outputs, reads of unwritten scratch and overruns show. Every call finds the
+// cuBLAS handle as torch may leave it (TF32 math mode, device pointer mode, another stream); each GEMM must run under
+// the precision policy (routed_mix_cuda.h) and the handle must be put back. The handle is passed only when the call's
+// plan says it uses cuBLAS (else null, as the torch binding does). run_policy_cases checks the launch-error
+// attribution, the knobs read once and the compute capability cached per device. Prints one line per case; exit code 1
+// if any case fails.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -177,9 +176,88 @@ struct Case {
   std::vector<int64_t> lead;
   int64_t E, r, out;
   const char* mode;
-  int mask;         // sequence: 0 none, 1 random with a fully masked sample
+  int mask;         // sequence / causal: 0 none, 1 random with a fully masked sample, 2 left padding
   const char* env;  // "KEY=VALUE;KEY=VALUE" for this case
 };
+
+// Causal mode in float64, straight from the definition: per sample g and row n,
+// C_n = sum_{u <= n} m_u P_u, c_n = sum_{u <= n} m_u, w_n = C_n / c_n (0 while
+// c_n = 0), delta_n = s * sum_e w_ne h_n Bk_e; the backward by the chain rule
+// (dw_ne = <dZ_ne, h_n> with dZ_n = s Bk G_n, dP_u = m_u sum_{n >= u} dw_n / c_n,
+// softmax backward). zero_rows: the rows with c_n = 0.
+void causal_reference(const MixShape& s, double scaling, const std::vector<double>& h, const std::vector<double>& R,
+                      const std::vector<double>& B, const uint8_t* mask, const std::vector<double>& G,
+                      std::vector<double>* delta, std::vector<double>* dh, std::vector<double>* dR,
+                      std::vector<double>* dB, std::vector<bool>* zero_rows) {
+  const int64_t N = s.rows, E = s.experts, r = s.rank, out = s.out, L = s.group_rows;
+  std::vector<double> P(N * E), W(N * E), count(N);
+  for (int64_t n = 0; n < N; ++n) {
+    double top = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) {
+      double dot = 0;
+      for (int64_t i = 0; i < r; ++i) dot += h[n * r + i] * R[e * r + i];
+      P[n * E + e] = dot;
+      top = std::max(top, dot);
+    }
+    double total = 0;
+    for (int64_t e = 0; e < E; ++e) total += (P[n * E + e] = std::exp(P[n * E + e] - top));
+    for (int64_t e = 0; e < E; ++e) P[n * E + e] /= total;
+  }
+  zero_rows->assign(N, false);
+  for (int64_t g = 0; g < s.groups; ++g) {
+    std::vector<double> C(E, 0.0);
+    double c = 0;
+    for (int64_t n = g * L; n < (g + 1) * L; ++n) {
+      if (mask == nullptr || mask[n]) {
+        c += 1;
+        for (int64_t e = 0; e < E; ++e) C[e] += P[n * E + e];
+      }
+      count[n] = c;
+      (*zero_rows)[n] = c == 0;
+      for (int64_t e = 0; e < E; ++e) W[n * E + e] = c > 0 ? C[e] / c : 0.0;
+    }
+  }
+  delta->assign(N * out, 0.0);
+  dh->assign(N * r, 0.0);
+  dR->assign(E * r, 0.0);
+  dB->assign(E * r * out, 0.0);
+  std::vector<double> dW(N * E, 0.0), dZ(r);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t e = 0; e < E; ++e) {
+      const double w = W[n * E + e];
+      for (int64_t i = 0; i < r; ++i) {
+        const double* b = &B[(e * r + i) * out];
+        double z = 0;
+        for (int64_t o = 0; o < out; ++o) {
+          (*delta)[n * out + o] += scaling * w * h[n * r + i] * b[o];
+          (*dB)[(e * r + i) * out + o] += scaling * w * h[n * r + i] * G[n * out + o];
+          z += b[o] * G[n * out + o];
+        }
+        dZ[i] = scaling * z;
+        dW[n * E + e] += dZ[i] * h[n * r + i];
+        (*dh)[n * r + i] += w * dZ[i];
+      }
+    }
+  for (int64_t g = 0; g < s.groups; ++g) {
+    std::vector<double> run(E, 0.0);
+    for (int64_t n = (g + 1) * L - 1; n >= g * L; --n) {
+      std::vector<double> dP(E);
+      for (int64_t e = 0; e < E; ++e) {
+        if (count[n] > 0) run[e] += dW[n * E + e] / count[n];
+        dP[e] = (mask == nullptr || mask[n]) ? run[e] : 0.0;
+      }
+      double inner = 0;
+      for (int64_t e = 0; e < E; ++e) inner += P[n * E + e] * dP[e];
+      for (int64_t e = 0; e < E; ++e) {
+        const double dl = P[n * E + e] * (dP[e] - inner);
+        for (int64_t i = 0; i < r; ++i) {
+          (*dh)[n * r + i] += dl * R[e * r + i];
+          (*dR)[e * r + i] += dl * h[n * r + i];
+        }
+      }
+    }
+  }
+}
 
 void set_env(const char* spec, bool on) {
   std::string s = spec ? spec : "";
@@ -242,7 +320,7 @@ std::string describe(const Case& c) {
   std::string d = std::string(c.mode) + " [";
   for (size_t i = 0; i < c.lead.size(); ++i) d += (i ? "," : "") + std::to_string(c.lead[i]);
   d += "] E" + std::to_string(c.E) + " r" + std::to_string(c.r) + " out" + std::to_string(c.out);
-  if (c.mask) d += " mask";
+  if (c.mask) d += c.mask == 2 ? " leftpad" : " mask";
   if (c.env) d += std::string(" ") + c.env;
   return d;
 }
@@ -275,11 +353,15 @@ bool run_case(const Case& c, double tol) {
   const auto bank = rounded<T>(randn(E * r * out, 1.0 / std::sqrt(double(r))));
   const auto grad = rounded<T>(randn(N * out, 1.0));
   std::vector<uint8_t> mask;
-  if (c.mask) {
+  if (c.mask == 1) {
     mask.resize(static_cast<size_t>(N));
     for (int64_t n = 0; n < N; ++n) mask[n] = (rng() % 3) != 0;
     if (s.groups > 1)  // the second sample is fully masked
       for (int64_t n = s.group_rows; n < 2 * s.group_rows; ++n) mask[n] = 0;
+  } else if (c.mask == 2) {  // left padding: sample g starts with (3 g + 1) mod (L + 1) masked rows
+    mask.resize(static_cast<size_t>(N));
+    const int64_t L = s.group_rows;
+    for (int64_t n = 0; n < N; ++n) mask[n] = (n % L) >= ((n / L) * 3 + 1) % (L + 1);
   }
   const uint8_t* mask_ptr = c.mask ? mask.data() : nullptr;
   const double scaling = 0.7;
@@ -287,10 +369,16 @@ bool run_case(const Case& c, double tol) {
   // CPU float64 reference on the same (rounded) inputs
   std::vector<double> ref_delta(static_cast<size_t>(N * out)), ref_dh(static_cast<size_t>(N * r)),
       ref_dR(router.size()), ref_dB(bank.size());
-  lily::cpu::routed_mix_forward<double>(SerialBackend{}, s, scaling, hidden.data(), router.data(), bank.data(),
-                                        mask_ptr, ref_delta.data());
-  lily::cpu::routed_mix_backward<double>(SerialBackend{}, s, scaling, grad.data(), hidden.data(), router.data(),
-                                         bank.data(), mask_ptr, ref_dh.data(), ref_dR.data(), ref_dB.data());
+  std::vector<bool> zero_rows;  // causal: rows that must get an exact zero delta
+  if (s.mode == lily::Mode::kCausal) {
+    causal_reference(s, scaling, hidden, router, bank, mask_ptr, grad, &ref_delta, &ref_dh, &ref_dR, &ref_dB,
+                     &zero_rows);
+  } else {
+    lily::cpu::routed_mix_forward<double>(SerialBackend{}, s, scaling, hidden.data(), router.data(), bank.data(),
+                                          mask_ptr, ref_delta.data());
+    lily::cpu::routed_mix_backward<double>(SerialBackend{}, s, scaling, grad.data(), hidden.data(), router.data(),
+                                           bank.data(), mask_ptr, ref_dh.data(), ref_dR.data(), ref_dB.data());
+  }
 
   set_env(c.env, true);
   lily::cuda::reload_knobs();  // read once per process otherwise
@@ -334,18 +422,24 @@ bool run_case(const Case& c, double tol) {
     std::printf("FAIL %-9s %s: %s\n", dtype_name<T>(), describe(c).c_str(), error.c_str());
     return false;
   }
-  const double e_fwd = rel_err(download<T>(delta, ref_delta.size()), ref_delta);
+  const std::vector<double> got_delta = download<T>(delta, ref_delta.size());
+  const double e_fwd = rel_err(got_delta, ref_delta);
+  bool zeros_ok = true;  // causal rows before the sample's first unmasked row: exactly zero
+  for (size_t n = 0; n < zero_rows.size(); ++n)
+    if (zero_rows[n])
+      for (int64_t o = 0; o < out; ++o) zeros_ok = zeros_ok && got_delta[n * out + o] == 0.0;
   const double e_dh = rel_err(download<T>(dh, ref_dh.size()), ref_dh);
   const double e_dR = rel_err(download<T>(dR, ref_dR.size()), ref_dR);
   const double e_dB = rel_err(download<T>(dB, ref_dB.size()), ref_dB);
   const bool guards = delta.guard_ok() && dh.guard_ok() && dR.guard_ok() && dB.guard_ok() && ws_f.guard_ok() &&
                       ws_b.guard_ok() && h.guard_ok() && R.guard_ok() && B.guard_ok() && G.guard_ok();
-  const bool ok =
-      e_fwd <= tol && e_dh <= 4 * tol && e_dR <= 4 * tol && e_dB <= 4 * tol && guards && blas_ok && policy.empty();
+  const bool ok = e_fwd <= tol && e_dh <= 4 * tol && e_dR <= 4 * tol && e_dB <= 4 * tol && guards && blas_ok &&
+                  policy.empty() && zeros_ok;
   std::printf("%s %-9s %-60s fwd %.1e dh %.1e dR %.1e dB %.1e | ws %zu/%zu B | launches %lld+%lld gemms %lld+%lld%s\n",
               ok ? "ok  " : "FAIL", dtype_name<T>(), describe(c).c_str(), e_fwd, e_dh, e_dR, e_dB, ws_f.size, ws_b.size,
               (long long)fwd_launches, (long long)bwd_launches, (long long)fwd_gemms, (long long)bwd_gemms,
               guards ? "" : " GUARD BYTES OVERWRITTEN");
+  if (!zeros_ok) std::printf("     causal rows with no unmasked row up to them got a nonzero delta\n");
   if (!blas_ok) std::printf("     the plan's uses_blas / blas_workspace_bytes disagree with the cuBLAS calls made\n");
   if (!policy.empty()) std::printf("     cuBLAS precision policy:%s\n", policy.c_str());
   return ok;
@@ -486,6 +580,8 @@ int run_policy_cases(int* count) {
   check(!dp.uses_blas && dp.workspace_bytes == 0 && dp.blas_workspace_bytes == 0,
         "small-N forward (N=1 batch) plans no cuBLAS and no workspace");
   const lily::cuda::CallPlan tp = lily::cuda::plan_forward_call(shape_of("token", {8}, 4, 16, 1024), DType::kBFloat16);
+  const lily::cuda::CallPlan cp = lily::cuda::plan_forward_call(shape_of("causal", {2, 5}, 4, 16, 24), DType::kFloat32);
+  check(!cp.uses_blas, "small-N forward (causal) plans no cuBLAS");
   check(!tp.uses_blas, "small-N forward with split-K (token) plans no cuBLAS",
         "workspace " + std::to_string(tp.workspace_bytes) + " B for the split-K partials");
 
@@ -534,13 +630,20 @@ int run_policy_cases(int* count) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  // --quick: skip the larger single-segment shapes; --only=MODE: only that mode's cases
+  bool quick = false;
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--quick") quick = true;
+    if (arg.rfind("--only=", 0) == 0) only = arg.substr(7);
+  }
   // (leading dims, E, r, out, mode, mask, env): both sides of every path threshold
   // (small fused forward N <= 64, per-row backward L <= 4), edge sizes (N = 0,
   // N = 1, r = 1, out = 1, r and out not multiples of 8 or of the tiles), the
   // vector and scalar tile loaders, chunked / batched scratch.
   std::vector<Case> cases;
-  const char* modes[] = {"batch", "sequence", "token", "static"};
+  const char* modes[] = {"batch", "sequence", "token", "static", "causal"};
   for (const char* m : modes) {
     cases.push_back({{7}, 4, 16, 24, m, 0, nullptr});
     cases.push_back({{1}, 2, 1, 1, m, 0, nullptr});
@@ -562,6 +665,21 @@ int main(int argc, char** argv) {
   cases.push_back({{2, 3, 30}, 2, 6, 10, "sequence", 1, nullptr});
   cases.push_back({{80}, 3, 8, 16, "sequence", 1, nullptr});  // 2-D: one token per sample, per-row paths
   cases.push_back({{70}, 2, 8, 16, "sequence", 1, nullptr});
+  // causal: random masks (rows before the first unmasked one, masked rows after it, a fully masked
+  // sample), left padding (sample g starts with (3 g + 1) mod (L + 1) masked rows: none up to all),
+  // L = 1, samples longer than the scan block (several rows per scan thread), both forward paths
+  cases.push_back({{4, 6}, 3, 8, 12, "causal", 1, nullptr});
+  cases.push_back({{3, 40}, 2, 8, 24, "causal", 1, nullptr});
+  cases.push_back({{2, 3, 30}, 2, 6, 10, "causal", 1, nullptr});
+  cases.push_back({{80}, 3, 8, 16, "causal", 1, nullptr});   // 2-D: one token per sample
+  cases.push_back({{6, 1}, 2, 4, 8, "causal", 1, nullptr});  // L = 1
+  cases.push_back({{5, 7}, 3, 8, 12, "causal", 2, nullptr});
+  cases.push_back({{4, 30}, 4, 16, 40, "causal", 2, nullptr});
+  cases.push_back({{3, 70}, 2, 8, 24, "causal", 1, nullptr});
+  cases.push_back({{2, 160}, 3, 8, 16, "causal", 2, nullptr});  // L > one 128-thread scan block
+  cases.push_back({{1, 200}, 40, 4, 8, "causal", 1, nullptr});  // E > 32, 2 rows per scan thread
+  cases.push_back({{4, 40}, 3, 12, 70, "causal", 1, "LILY_CUDA_SCRATCH_BYTES=2000;LILY_CUDA_KRON=gemm"});
+  cases.push_back({{2, 75}, 2, 16, 136, "causal", 2, "EMU_DEVICE=1"});
   // per-row forward through (W kron h) chunks + cuBLAS, and tiny scratch: many chunks / group batches
   cases.push_back({{130}, 3, 12, 70, "token", 0, "LILY_CUDA_KRON=gemm"});
   cases.push_back({{130}, 3, 12, 70, "token", 0, "LILY_CUDA_SCRATCH_BYTES=2000;LILY_CUDA_KRON=gemm"});
@@ -575,6 +693,12 @@ int main(int argc, char** argv) {
   int failures = run_mask_cases() + run_policy_cases(&policy_count), count = 12 + policy_count;
   for (const Case& c : cases) {
     if (quick && c.lead.size() == 1 && c.lead[0] >= 130 && c.env == nullptr) continue;
+    // --quick: causal's large unmasked shapes run the per-row kernels token mode already covers;
+    // its own kernels (running means, small fused path) are covered by the masked causal cases
+    int64_t rows = 1;
+    for (int64_t d : c.lead) rows *= d;
+    if (quick && std::string(c.mode) == "causal" && c.mask == 0 && c.env == nullptr && rows > 64) continue;
+    if (!only.empty() && only != c.mode) continue;
     failures += !run_case<double>(c, 1e-10);
     failures += !run_case<float>(c, 2e-5);
     failures += !run_case<__half>(c, 1e-2);

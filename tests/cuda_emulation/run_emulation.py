@@ -1,6 +1,6 @@
 """Builds and runs the CPU emulation of the CUDA kernels (no GPU needed).
 
-    python tests/cuda_emulation/run_emulation.py [--quick] [--jobs N]
+    python tests/cuda_emulation/run_emulation.py [--quick] [--only MODE] [--jobs N]
 
 The kernel sources csrc/cuda/*.cu are compiled unchanged by the host C++ compiler
 except for two mechanical rewrites: `kernel<<<grid, block, smem, stream>>>(args)`
@@ -116,12 +116,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the larger single-segment shapes")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--only", metavar="MODE", help="run only the cases of this routing mode")
     args = parser.parse_args()
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         raise SystemExit("run_emulation: no C++ compiler (set CXX)")
     exe = build(args.jobs)
     sys.stdout.flush()
-    return subprocess.run([exe] + (["--quick"] if args.quick else [])).returncode
+    flags = (["--quick"] if args.quick else []) + ([f"--only={args.only}"] if args.only else [])
+    return subprocess.run([exe] + flags).returncode
 
 
 if __name__ == "__main__":
