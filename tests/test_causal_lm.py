@@ -11,7 +11,9 @@ import warnings
 
 import pytest
 import torch
-from helpers.models import tiny_bert, tiny_llama, tiny_qwen2, token_batch
+from helpers.lily_models import lily_lm
+from helpers.models import tiny_bert, tiny_llama, token_batch
+from helpers.reference import routed_mix_reference
 from transformers import DynamicCache
 
 import lily_ext
@@ -20,7 +22,6 @@ from lily_ext.causal import CausalStateError
 
 CAUSAL_MODES = ["causal", "token", "static"]
 ATOL = 1e-5
-BUILDERS = {"llama": lambda: tiny_llama(layers=2, hidden=32), "qwen2": tiny_qwen2}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,41 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def lily_lm(arch="llama", routing="causal", seed=0):
-    """A tiny decoder with Lily on q_proj / v_proj, non-zero adapters, eval mode, no eos (fixed lengths)."""
-    base = BUILDERS[arch]()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonCausalRoutingWarning)
-        model = get_lily_model(
-            base,
-            LilyConfig(r=4, num_B=3, target_modules=["q_proj", "v_proj"], routing=routing, init_weights=False),
-        )
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:  # routers away from uniform, so routing matters
-                p.add_(torch.randn_like(p) * 0.5)
-    base.generation_config.eos_token_id = None
-    base.generation_config.pad_token_id = 0
-    return model.eval()
-
-
-def causal_reference(h, R, Bk, scaling, mask=None):
-    """float64 reference of causal routing, per sample and token, in plain loops ([S, L, r] -> [S, L, out])."""
-    h, R, Bk = h.double(), R.double(), Bk.double()
-    S, L, _ = h.shape
-    m = torch.ones(S, L, dtype=torch.float64) if mask is None else (mask != 0).double()
-    P = torch.softmax(h @ R.T, dim=-1)
-    out = torch.zeros(S, L, Bk.shape[-1], dtype=torch.float64)
-    for b in range(S):
-        for t in range(L):
-            count = m[b, : t + 1].sum()
-            if count > 0:
-                w = (P[b, : t + 1] * m[b, : t + 1, None]).sum(0) / count
-                out[b, t] = scaling * h[b, t] @ torch.einsum("e,eio->io", w, Bk)
-    return out
 
 
 def generate(model, ids, mode, use_cache, mask=None, new=5):
@@ -125,8 +91,8 @@ def test_causal_layer_matches_the_float64_reference_while_decoding():
     x = torch.cat([s[0] for s in seen], dim=1)
     y = torch.cat([s[1] for s in seen], dim=1)
     h = x @ layer.lily_A["default"].weight.T
-    expected = layer.base_layer(x) + causal_reference(
-        h, layer.lily_router["default"].weight, layer.bank("default"), layer.scaling["default"], mask
+    expected = layer.base_layer(x) + routed_mix_reference(
+        h, layer.lily_router["default"].weight, layer.bank("default"), layer.scaling["default"], "causal", mask
     )
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
     # zero delta before the first unmasked token

@@ -10,20 +10,19 @@ import importlib.util
 import json
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from helpers import ROOT
-from helpers.models import tiny_bert, tiny_llama, tiny_qwen2, token_batch
+from helpers.lily_models import lily_lm
+from helpers.models import tiny_bert, token_batch
 
 import lily_ext
 import lily_ext.ort as lily_ort
-from lily_ext import LilyConfig, NonCausalRoutingWarning, get_lily_model
+from lily_ext import LilyConfig, get_lily_model
 
-BUILDERS = {"llama": lambda: tiny_llama(layers=2, hidden=32), "qwen2": lambda: tiny_qwen2(layers=2, hidden=32)}
 NEW_TOKENS = 4
 LOGITS_ATOL = 1e-4
 
@@ -34,24 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def lily_lm(arch="llama", routing="causal", seed=0):
-    """A tiny decoder with Lily on q_proj / v_proj, adapters away from their init, eval mode, no eos."""
-    base = BUILDERS[arch]()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonCausalRoutingWarning)
-        model = get_lily_model(
-            base, LilyConfig(r=4, num_B=3, target_modules=["q_proj", "v_proj"], routing=routing, init_weights=False)
-        )
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.5)
-    base.generation_config.eos_token_id = None
-    base.generation_config.pad_token_id = 0
-    return model.eval()
 
 
 def left_padded(lengths, seed):

@@ -1,11 +1,13 @@
 """Lily-wrapped models and their inputs, shared by the export and serving tests."""
 
+import warnings
+
 import torch
 from torch import nn
 
-from lily_ext import LilyConfig, get_lily_model
+from lily_ext import LilyConfig, NonCausalRoutingWarning, get_lily_model
 
-from .models import tiny_bert, token_batch
+from .models import tiny_bert, tiny_llama, tiny_qwen2, token_batch
 
 # dynamic_shapes of a BERT export
 DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
@@ -70,3 +72,25 @@ def example_and_other_inputs():
         "input_ids": other,
         "attention_mask": other_mask,
     }
+
+
+DECODERS = {"llama": lambda: tiny_llama(layers=2, hidden=32), "qwen2": lambda: tiny_qwen2(layers=2, hidden=32)}
+
+
+def lily_lm(arch="llama", routing="causal", seed=0):
+    """A tiny decoder with Lily on q_proj / v_proj, adapters away from their init, eval mode, no eos
+    (fixed lengths): the causal-LM generation and decoder-export tests."""
+    base = DECODERS[arch]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonCausalRoutingWarning)
+        model = get_lily_model(
+            base, LilyConfig(r=4, num_B=3, target_modules=["q_proj", "v_proj"], routing=routing, init_weights=False)
+        )
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # routers away from uniform, so routing matters
+                p.add_(torch.randn_like(p) * 0.5)
+    base.generation_config.eos_token_id = None
+    base.generation_config.pad_token_id = 0
+    return model.eval()
