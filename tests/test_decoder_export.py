@@ -6,7 +6,6 @@ slow; the unmarked ones cover every form, every routing and both architectures o
 """
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,8 +15,8 @@ import onnx
 import pytest
 import torch
 from helpers import ROOT
-from helpers.lily_models import lily_lm
-from helpers.models import tiny_bert, token_batch
+from helpers.lily_models import left_padded, lily_lm
+from helpers.models import tiny_bert
 
 import lily_ext
 import lily_ext.ort as lily_ort
@@ -33,17 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def left_padded(lengths, seed):
-    """Prompts of the given lengths (tokens 1..96), left-padded with 0: (ids, mask) [batch, max length]."""
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, width - n :] = token_batch(1, n, vocab=96, seed=seed + i)[0] + 1
-        mask[i, width - n :] = 1
-    return ids, mask
 
 
 # the export example is batch 2, 3 new tokens after 2 past ones: other batch sizes and lengths here
@@ -249,45 +237,6 @@ def test_generate_argument_errors(tmp_path):
         lily_ort.generate(tmp_path, np.ones((1, 3), np.int64))
     with pytest.raises(ValueError, match="max_new_tokens"):
         lily_ort.generate(tmp_path, np.ones((1, 3), np.int64), max_new_tokens=-1)
-
-
-# ---- ONNX Runtime GenAI ----------------------------------------------------------------------------------------
-
-GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
-
-
-@pytest.mark.ort
-@pytest.mark.skipif(
-    not GENAI,
-    reason="needs onnxruntime_genai (PyPI onnxruntime-genai); install it beside onnxruntime(-gpu) with --no-deps, "
-    "e.g. in a venv with --system-site-packages (README, 'Decoders')",
-)
-@pytest.mark.parametrize(
-    "form,routing", [("merged", "static"), ("custom", "token"), ("decomposed", "static"), slow("custom", "static")]
-)
-def test_onnxruntime_genai_generates_the_same_tokens(tmp_path, form, routing):
-    import onnxruntime_genai as og
-
-    model = lily_lm("llama", routing)
-    folder = lily_ext.export_causal_lm(model, tmp_path / "out", form=form)
-    model_og = og.Model(str(folder))
-    # Unpadded prompts only: on a left-padded batch GenAI 0.18 gives other tokens for the padded rows
-    # (the unpadded row still matches); lily_ext.ort.generate handles padding (test above).
-    for lengths, seed in [((6,), 21), ((9,), 23), ((6, 6), 25)]:
-        ids, mask = left_padded(lengths, seed)
-        assert bool(mask.all())
-        with torch.no_grad():
-            expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS).numpy()
-        params = og.GeneratorParams(model_og)
-        params.set_search_options(max_length=ids.shape[1] + NEW_TOKENS, do_sample=False, batch_size=len(lengths))
-        generator = og.Generator(model_og, params)
-        generator.append_tokens(ids.numpy().astype(np.int32))
-        while not generator.is_done():
-            generator.generate_next_token()
-        for i in range(len(lengths)):
-            np.testing.assert_array_equal(
-                np.asarray(generator.get_sequence(i))[-NEW_TOKENS:], expected[i, -NEW_TOKENS:]
-            )
 
 
 def test_readme_documents_the_decoder_export():

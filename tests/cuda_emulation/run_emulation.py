@@ -114,7 +114,11 @@ def build(jobs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="skip the larger single-segment shapes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="skip the larger single-segment shapes; float32 and one other dtype per case",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--only", metavar="MODE", help="run only the cases of this routing mode")
     args = parser.parse_args()

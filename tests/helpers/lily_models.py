@@ -94,3 +94,14 @@ def lily_lm(arch="llama", routing="causal", seed=0):
     base.generation_config.eos_token_id = None
     base.generation_config.pad_token_id = 0
     return model.eval()
+
+
+def left_padded(lengths, seed):
+    """Prompts of the given lengths (tokens 1..96), left-padded with 0: (ids, mask) [batch, max length]."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = token_batch(1, n, vocab=96, seed=seed + i)[0] + 1
+        mask[i, width - n :] = 1
+    return ids, mask

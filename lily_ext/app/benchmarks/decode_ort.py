@@ -6,8 +6,9 @@ folder size (BENCHMARKS.md, "Decoders in ONNX Runtime").
 A Llama-shaped model (random weights) with Lily r=16, num_B=3 on q_proj / v_proj; forms: base (the
 model without adapter), merged (the token-routed adapter frozen on calibration batches), custom and
 decomposed with token routing (lily.RoutedMix nodes vs standard ops) and with causal routing (its
-state in standard ops in both). Each: prefill a 32-token prompt, then the median of one-token steps
-(KV cache and state fed back as OrtValues, DecoderSession) at batch 1 and 8.
+state in standard ops in both). Each: prefill a 32-token prompt, then one-token steps (KV cache and
+state fed back as OrtValues, DecoderSession) at batch 1 and 8, the forms taking their steps in turn
+(load from other processes falls on all of them alike).
 """
 
 from __future__ import annotations
@@ -66,21 +67,31 @@ def _session(folder: Path, threads: int):
     return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
 
-def _decode_ms(session, batch: int, prompt: int, steps: int, vocab: int) -> float:
+def _interleaved_decode_ms(sessions: dict, batch: int, prompt: int, steps: int, vocab: int) -> dict:
+    """Per form: the median ms of one decode step, and the median over steps of (this form's step - base's
+    step in the same round). The forms take their steps in turn, so load from other processes falls on all
+    of them alike and the paired difference (the adapter's cost) keeps little of it."""
     import numpy as np
 
     from ...ort import DecoderSession
 
-    runner = DecoderSession(session)
     ids = np.random.default_rng(0).integers(1, vocab, (batch, prompt))
-    logits = runner.start(ids)
-    times = []
+    runners, logits = {}, {}
+    for name, session in sessions.items():
+        runners[name] = DecoderSession(session)
+        logits[name] = runners[name].start(ids)
+    times = {name: [] for name in sessions}
     for _ in range(steps):
-        nxt = logits[:, -1].argmax(-1)
-        t0 = time.perf_counter()
-        logits = runner.step(nxt)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[1:])
+        for name, runner in runners.items():
+            nxt = logits[name][:, -1].argmax(-1)
+            t0 = time.perf_counter()
+            logits[name] = runner.step(nxt)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    base = times["base"][1:]
+    return {
+        name: (statistics.median(t[1:]), statistics.median(a - b for a, b in zip(t[1:], base)))
+        for name, t in times.items()
+    }
 
 
 def main(argv=None):
@@ -94,7 +105,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
     args = parser.parse_args(argv)
-    steps = 12 if args.quick else 40
+    steps = 12 if args.quick else 60
     torch.set_num_threads(max(1, args.threads))
     base = _model(args.layers, args.hidden)
     vocab = base.config.vocab_size
@@ -107,7 +118,7 @@ def main(argv=None):
         "custom (causal)": lambda: (_lily(copy_of(base), "causal"), "custom", None),
         "decomposed (causal)": lambda: (_lily(copy_of(base), "causal"), "decomposed", None),
     }
-    rows = []
+    exported, sessions = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, make) in enumerate(variants.items()):
             model, form, calib = make()
@@ -118,22 +129,28 @@ def main(argv=None):
                 export_causal_lm(model, folder, form=form, calibration=calib)
                 export_s = time.perf_counter() - t0
             size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-            session = _session(folder, args.threads)
-            latency = {b: _decode_ms(session, b, 32, steps, vocab) for b in (1, 8)}
-            rows.append((name, latency[1], latency[8], export_s, size))
-            print(f"  {name}: {latency[1]:.3f} / {latency[8]:.3f} ms, export {export_s:.1f} s", flush=True)
-    base_1, base_8 = rows[0][1], rows[0][2]
+            exported[name] = (export_s, size)
+            sessions[name] = _session(folder, args.threads)
+            print(f"  exported {name}: {export_s:.1f} s, {size / 2**20:.1f} MB", flush=True)
+        latency = {b: _interleaved_decode_ms(sessions, b, 32, steps, vocab) for b in (1, 8)}
     print(
         f"\nLlama-shaped, {args.layers} layers, hidden {args.hidden}, vocab {vocab}; Lily r=16 num_B=3 on q/v "
-        f"({2 * args.layers} layers); ORT {args.threads} thread(s), CPU EP; prompt 32, median of {steps - 1} steps\n"
+        f"({2 * args.layers} layers); ORT {args.threads} thread(s), CPU EP; prompt 32, {steps - 1} steps per form "
+        "taken in turn; adapter cost: the median over steps of (form - base) in the same round\n"
     )
     print("| form | ms/token b=1 | adapter cost b=1 | ms/token b=8 | adapter cost b=8 | export s | folder MB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, l1, l8, export_s, size in rows:
+    for name, (export_s, size) in exported.items():
+        (l1, c1), (l8, c8) = latency[1][name], latency[8][name]
+        base_1, base_8 = latency[1]["base"][0], latency[8]["base"][0]
         print(
-            f"| {name} | {l1:.3f} | {100 * (l1 / base_1 - 1):+.1f}% | {l8:.3f} | {100 * (l8 / base_8 - 1):+.1f}% | "
-            f"{export_s:.1f} | {size / 2**20:.1f} |"
+            f"| {name} | {l1:.3f} | {c1:+.3f} ms ({100 * c1 / base_1:+.1f}%) | {l8:.3f} | "
+            f"{c8:+.3f} ms ({100 * c8 / base_8:+.1f}%) | {export_s:.1f} | {size / 2**20:.1f} |"
         )
+    for b in (1, 8):
+        custom, decomposed = latency[b]["custom (token)"][1], latency[b]["decomposed (token)"][1]
+        ratio = f"{custom / decomposed:.2f}" if decomposed > 0 else "n/a (decomposed costs nothing measurable)"
+        print(f"batch {b}: custom's adapter cost / decomposed's (token routing): {ratio}")
 
 
 def copy_of(model):
