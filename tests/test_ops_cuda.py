@@ -14,7 +14,6 @@ import os
 import pytest
 import torch
 from helpers import shapes
-from helpers.causal_reference import causal_reference
 from helpers.reference import routed_mix_reference
 from helpers.shapes import CUDA_SHAPES as SHAPES
 from helpers.shapes import CUDA_TOL as TOL
@@ -479,7 +478,7 @@ def test_training_size_bfloat16(mode):
         assert rel_err(mine, theirs) <= 1.2e-1
 
 
-# ---- causal mode against its own float64 reference (tests/helpers/causal_reference.py) ----------
+# ---- causal mode against the float64 reference (tests/helpers/reference.py) on the CPU ---------------
 
 
 def causal_mask(lead, kind, seed=0):
@@ -499,7 +498,7 @@ def check_causal(hidden, router, bank, mask=None, tol=None):
     tol = tol or TOL[hidden.dtype]
     out, grads, grad = forward_and_grads(hidden, router, bank, "causal", mask=mask)
     leaves = [t.detach().cpu().double().requires_grad_() for t in (hidden, router, bank)]
-    ref = causal_reference(*leaves, scaling=0.7, mask=None if mask is None else mask.cpu())
+    ref = routed_mix_reference(*leaves, scaling=0.7, mode="causal", mask=None if mask is None else mask.cpu())
     (ref * grad.to(hidden.dtype).cpu().double().reshape(ref.shape)).sum().backward()
     assert out.shape == ref.shape and out.dtype == hidden.dtype and out.device.type == "cuda"
     assert rel_err(out, ref) <= tol, f"forward error {rel_err(out, ref):.2e}"
