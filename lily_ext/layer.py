@@ -12,6 +12,36 @@ from torch import nn
 from .causal import CausalStateError, RoutingContext
 from .ops import routed_mix
 
+# Lily v2's A side in the per-row modes (token, causal) contracts over num_A * in into only r columns:
+# the op's (W kron x) Bk_flat product was measured 2-4x slower there on the CPU than one GEMM
+# x @ [in, num_A * r] and the weighted sum over the experts (BENCHMARKS.md, "Lily v2's A side"), from
+# a few hundred rows on. Training on the CPU takes that form (same math, autograd); inference, export
+# (under no_grad), tracing and compiling keep the op.
+PER_ROW_A_GEMM_MIN_ROWS = 256
+
+
+def _per_row_a_as_gemm(x: torch.Tensor, bank: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (x.requires_grad or bank.requires_grad)
+        and x.numel() >= PER_ROW_A_GEMM_MIN_ROWS * x.shape[-1]
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
+
+
+def _per_row_a_side(x, router, bank, causal_mask):
+    """``sum_a W_na (x_n A_a^T)``: W = softmax(x R_A^T) per token, or (``causal_mask`` given, x
+    ``[..., L, in]``) its running mean over each sample's unmasked tokens so far (0 before the first)."""
+    num_A, width, r = bank.shape
+    probs = torch.softmax(x @ router.T, dim=-1)
+    if causal_mask is not None:
+        valid = (causal_mask != 0).to(probs.dtype).unsqueeze(-1)
+        probs = torch.cumsum(probs * valid, dim=-2) / torch.cumsum(valid, dim=-2).clamp_min(1.0)
+    experts = (x @ bank.permute(1, 0, 2).reshape(width, num_A * r)).unflatten(-1, (num_A, r))
+    return (probs.unsqueeze(-1) * experts).sum(-2)
+
 
 class LilyLinear(nn.Module):
     """``base_layer(x) + scaling * routed_mix(A x, router, B bank)`` for the active adapter.
@@ -196,6 +226,8 @@ class LilyLinear(nn.Module):
         if routing == "causal":
             return self._causal_mix(name, x, self.lily_router_A[name].weight, bank, 1.0, side="A")
         mask = self.sequence_mask(x, "sequence") if routing == "sequence" else None
+        if routing == "token" and _per_row_a_as_gemm(x, bank):
+            return _per_row_a_side(x, self.lily_router_A[name].weight, bank, None)
         return routed_mix(x, self.a_router(name), bank, scaling=1.0, mode=routing, mask=mask)
 
     def routed_bank(self, name: str) -> torch.Tensor:
@@ -312,6 +344,11 @@ class LilyLinear(nn.Module):
         call = self._context.current()
         state = call.causal_state() if call is not None else None
         if state is None:  # no KV cache in play (training, a forward without use_cache)
+            if side == "A" and hidden.dim() >= 3 and _per_row_a_as_gemm(hidden, bank):
+                causal = (
+                    torch.ones(hidden.shape[:-1], dtype=hidden.dtype, device=hidden.device) if mask is None else mask
+                )
+                return scaling * _per_row_a_side(hidden, router, bank, causal)
             return routed_mix(hidden, router, bank, scaling=scaling, mode="causal", mask=mask)
         if hidden.dim() != 3:
             raise CausalStateError(

@@ -589,3 +589,33 @@ def test_ddp_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path)
         torch.testing.assert_close(rank0[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
     initial = w.trained_params(w.make_model("sequence", num_A=2))
     assert any(not torch.equal(rank0[n], initial[n]) for n in rank0 if "lily_A_bank" in n)
+
+
+@pytest.mark.parametrize("routing_A", ["token", "causal"])
+def test_training_sized_per_row_a_side_takes_the_gemm_form_with_the_same_result(routing_A, monkeypatch):
+    # >= PER_ROW_A_GEMM_MIN_ROWS rows on the CPU with gradients: x @ [in, num_A * r] and the weighted sum
+    import lily_ext.layer
+
+    model = v2_model("sequence", routing_A)
+    layer = model.model.proj
+    x, mask = inputs(S=4, L=70)
+    assert x.shape[0] * x.shape[1] >= lily_ext.layer.PER_ROW_A_GEMM_MIN_ROWS
+    x_ref = x.clone().requires_grad_(True)
+    x = x.requires_grad_(True)
+    modes = []
+    original = lily_ext.layer.routed_mix
+    monkeypatch.setattr(lily_ext.layer, "routed_mix", lambda *a, **k: modes.append(k["mode"]) or original(*a, **k))
+    y = model(x, attention_mask=mask)
+    assert modes == ["sequence"]  # only the B side went through the op
+    expected, leaves = v2_reference(x_ref, layer, mask)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (expected * g).sum().backward()
+    torch.testing.assert_close(layer.a_bank("default").grad, leaves["A_bank"].grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.a_router("default").grad, leaves["R_A"].grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+    with torch.no_grad():  # inference keeps the op
+        modes.clear()
+        torch.testing.assert_close(model(x, attention_mask=mask), expected, rtol=1e-10, atol=1e-10)
+    assert modes == [routing_A, "sequence"]

@@ -1,13 +1,15 @@
 """Lily v2's A side through the same op: routed_mix(x, R_A, A_bank) vs eager PyTorch.
 
-    lily-ext bench a_side   [--in-features 4096] [--ranks 32,128] [--num-A 4] [--tokens 1,64,4096] [--quick]
+    lily-ext bench a_side
+    python -m lily_ext.app.benchmarks.a_side [--in-features 4096] [--ranks 32,128] [--num-A 4]
+        [--tokens 1,64,4096] [--threads N] [--budget S] [--quick]
 
 The A side has the opposite shape of the B side: the op's "r" is the layer's input width (e.g.
 4096) and its "out" is the adapter rank (32-128), so the contraction is long and the output
 narrow. This times, per routing mode, the op against the math as a PyTorch user writes it,
 ``h = x @ (sum_a w_a A_a)^T`` (per sample for ``sequence``; per token for ``token`` and ``causal``:
 all experts' projections in one GEMM, then the weighted sum), forward and forward + backward,
-median of repeated runs. The issue asks for a second kernel only if this shape is slow.
+median of runs alternating between the two. The issue asks for a second kernel only if this shape is slow.
 """
 
 from __future__ import annotations
@@ -47,16 +49,18 @@ def shape(mode, tokens, width):
     return (samples, tokens // samples, width)
 
 
-def median_ms(fn, budget_s, min_runs=3):
-    fn()  # warm-up
-    times = []
+def median_ms(fns, budget_s, min_runs=3):
+    """Median ms of each of ``fns``, run alternately in rounds (so that load from other jobs hits all alike)."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     started = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - started < budget_s and len(times) < 50):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+    while len(times[0]) < min_runs or (time.perf_counter() - started < budget_s and len(times[0]) < 50):
+        for fn, spent in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - t0)
+    return [1e3 * sorted(t)[len(t) // 2] for t in times]
 
 
 def measure(mode, tokens, width, r, num_A, budget_s, backward):
@@ -79,7 +83,7 @@ def measure(mode, tokens, width, r, num_A, budget_s, backward):
     op = run(lambda a, b, c: routed_mix(a, b, c, scaling=1.0, mode=mode))
     eager = run(lambda a, b, c: eager_a_side(a, b, c, mode))
     with torch.no_grad() if not backward else torch.enable_grad():
-        ours, theirs = median_ms(op, budget_s), median_ms(eager, budget_s)
+        ours, theirs = median_ms([op, eager], budget_s)
     return ours, theirs
 
 
@@ -90,11 +94,15 @@ def main(argv=None):
     parser.add_argument("--num-A", dest="num_A", type=int, default=4)
     parser.add_argument("--tokens", default="1,64,4096")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds per measurement (at least 3 rounds)")
     parser.add_argument("--quick", action="store_true", help="r = 32 only, tokens 1 and 64, shorter budget")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ranks = [32] if args.quick else [int(v) for v in args.ranks.split(",")]
     tokens = [1, 64] if args.quick else [int(v) for v in args.tokens.split(",")]
-    budget = 0.2 if args.quick else 1.0
+    budget = 0.2 if args.quick else args.budget
     print(
         f"A side: x [N, {args.in_features}] -> h [N, r], num_A={args.num_A}; CPU, {torch.get_num_threads()} threads, "
         "median ms (lily_ext op / eager PyTorch)"
