@@ -10,6 +10,13 @@ Its squared error is a quadratic in ``Bc`` that depends on the data only through
 
 so one streamed pass accumulates them (float64, per layer) and every method is solved and scored
 from them (docs/DESIGN.md, "Merging a dynamic router well").
+
+Lily v2 (a routed A bank): per token the A experts' projections ``p_na = x_n A_a^T`` ([num_A, r]),
+the dynamic ``h_n`` and ``d_n``. The A side is frozen first, to the convex weights ``v`` whose
+``sum_a v_a p_na`` is closest to the dynamic ``h_n`` (``optimal_weights``) or to the mean A-routing
+weights (``mean``); then the B side as above on ``h = sum_a v_a p_na``, whose ``H`` and ``Y`` follow
+from ``P = sum_n q_n^T q_n`` and ``PY = sum_n q_n^T d_n`` (``q_n = p_n`` flattened, ``[num_A * r]``),
+so one pass still suffices.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from .model import LilyModel
 from .ops import routed_mix
 
 METHODS = ("mean", "optimal_weights", "optimal_bc")
+METHODS_A = ("mean", "optimal_weights")  # Lily v2's A side (an arbitrary [r, in] Ac would need [in, in] sums)
 DEFAULT_METHOD = "optimal_bc"
 DEFAULT_RIDGE = 1e-3
 
@@ -64,7 +72,7 @@ def _check_adapter(model, adapter_name):
     name = adapter_name or model.active_adapter
     if name not in model.configs:
         raise ValueError(f"adapter_name: no adapter {name!r} (have: {', '.join(model.configs) or 'none'})")
-    layers = {path: m for path, m in model.lily_layers() if name in m.lily_A}
+    layers = {path: m for path, m in model.lily_layers() if name in m.r}
     if not layers:
         raise ValueError(f"model: no Lily layer holds adapter {name!r}")
     return name, layers
@@ -101,9 +109,45 @@ class _Stats:
 
     probs: torch.Tensor  # sum_n P_n [E]
     count: float  # number of tokens
-    H: torch.Tensor  # sum_n h_n^T h_n [r, r]
-    Y: torch.Tensor  # sum_n h_n^T d_n [r, out]
+    H: torch.Tensor  # sum_n h_n^T h_n [r, r]  (Lily v2: sum_n q_n^T q_n [num_A * r, num_A * r])
+    Y: torch.Tensor  # sum_n h_n^T d_n [r, out]  (Lily v2: sum_n q_n^T d_n [num_A * r, out])
     D: float  # sum_n |d_n|^2
+    # Lily v2 only: the A side
+    probs_A: torch.Tensor | None = None  # sum_n of the A router's probabilities [num_A]
+    c_A: torch.Tensor | None = None  # sum_n <p_na, h_n> [num_A]
+    D_A: float = 0.0  # sum_n |h_n|^2
+
+
+def _solve_a_side(layer, name: str, stats: _Stats, method_A: str) -> dict:
+    """Lily v2: the static A-side weights ``v`` ([num_A]) for ``method_A``, every A method's relative
+    error ``|sum_a v_a p_a - h| / |h|``, and the B-side statistics ``H``, ``Y`` under the chosen ``v``
+    (and under the mean weights)."""
+    num_A, r = layer.num_A[name], layer.r[name]
+    P = stats.H.view(num_A, r, num_A, r)
+    G = torch.einsum("aibi->ab", P)  # sum_n <p_na, p_nb>
+    if name in layer.lily_theta_A:  # already static: nothing to choose
+        fixed = torch.softmax(layer.lily_theta_A[name].detach().double(), dim=0).to(G)
+        weights = {"mean": fixed, "optimal_weights": fixed}
+    else:
+        mean = stats.probs_A / stats.count
+        best = optimal_mixing_weights(G.cpu().numpy(), stats.c_A.cpu().numpy(), mean.cpu().numpy())
+        weights = {"mean": mean, "optimal_weights": torch.from_numpy(best).to(G)}
+
+    def error(v):
+        squared = max(float(v @ G @ v - 2 * (v @ stats.c_A)) + stats.D_A, 0.0)
+        return math.sqrt(squared / stats.D_A) if stats.D_A > 0 else 0.0
+
+    def b_stats(v):
+        V = torch.kron(v.unsqueeze(1), torch.eye(r, dtype=v.dtype, device=v.device))  # [num_A * r, r]
+        return _Stats(stats.probs, stats.count, V.T @ stats.H @ V, V.T @ stats.Y, stats.D)
+
+    return {
+        "weights": weights[method_A],
+        "mean": weights["mean"],
+        "errors": {m: error(weights[m]) for m in METHODS_A},
+        "stats": b_stats(weights[method_A]),
+        "stats_mean": b_stats(weights["mean"]),
+    }
 
 
 def _squared_error(stats: _Stats, scaling: float, combined: torch.Tensor) -> float:
@@ -201,9 +245,29 @@ def optimal_combined_bank(stats: _Stats, scaling: float, anchor: torch.Tensor, r
     return anchor + correction
 
 
-def _solve_layer(layer, name: str, stats: _Stats, method: str, ridge: float) -> dict:
-    """Every method's static replacement and its error on the calibration tokens."""
+def _solve_layer(layer, name: str, stats: _Stats, method: str, ridge: float, method_A: str | None = None) -> dict:
+    """Every method's static replacement and its error on the calibration tokens (Lily v2: the A
+    side's first, then the B side's given it; a B side that is static already is kept)."""
+    a_side = None
+    if layer.is_v2(name):
+        a_side = _solve_a_side(layer, name, stats, method_A)
+        stats_mean = a_side["stats_mean"]
+        stats = a_side["stats"]
     scaling = layer.scaling[name]
+    if layer.routing[name] == "static":  # (Lily v2 with only the A router dynamic) the B side stays
+        combined = layer.combined_bank(name).to(stats.H)
+        norm = math.sqrt(stats.D)
+        error = math.sqrt(_squared_error(stats, scaling, combined)) / norm if norm > 0 else 0.0
+        return {
+            "combined": combined,
+            "weights": None,
+            "mean": None,
+            "errors": {"static": error},
+            "error": error,
+            "error_mean": error,
+            "keep_B": True,
+            "A": a_side,
+        }
     bank = layer.bank(name).detach().to(device=stats.H.device, dtype=torch.float64)
     mean = stats.probs / stats.count
     combined = {"mean": torch.einsum("e,eio->io", mean, bank)}
@@ -217,7 +281,20 @@ def _solve_layer(layer, name: str, stats: _Stats, method: str, ridge: float) -> 
     weights["optimal_bc"] = None
     norm = math.sqrt(stats.D)
     errors = {m: math.sqrt(_squared_error(stats, scaling, combined[m])) / norm if norm > 0 else 0.0 for m in METHODS}
-    return {"combined": combined[method], "weights": weights[method], "mean": mean, "errors": errors}
+    error_mean = errors["mean"]
+    if a_side is not None:  # "before": the mean weights on both sides
+        mean_bc = torch.einsum("e,eio->io", mean, bank)
+        error_mean = math.sqrt(_squared_error(stats_mean, scaling, mean_bc)) / norm if norm > 0 else 0.0
+    return {
+        "combined": combined[method],
+        "weights": weights[method],
+        "mean": mean,
+        "errors": errors,
+        "error": errors[method],
+        "error_mean": error_mean,
+        "keep_B": False,
+        "A": a_side,
+    }
 
 
 # ---- freeze_router ----------------------------------------------------------------------------------------
@@ -233,6 +310,7 @@ def freeze_router(
     tune_batches: Iterable | None = None,
     tune_steps: int = 0,
     tune_lr: float = 1e-3,
+    method_A: str | None = None,
 ) -> FreezeReport:
     """Replaces each layer's router by a static adapter fitted to the dynamic one on ``batches``.
 
@@ -253,6 +331,15 @@ def freeze_router(
     The adapter becomes ``routing="static"`` (mergeable). With ``tune_steps > 0`` the static
     parameters are then trained on ``tune_batches`` (labelled: see ``tune_static``).
 
+    Lily v2 (``num_A``): both routers are frozen, the A side first: ``method_A`` ``"mean"`` (the mean
+    A-routing weights) or ``"optimal_weights"`` (the convex mix of the A bank whose projection is
+    closest to the dynamic ``h``); by default ``"mean"`` when ``method`` is ``"mean"``, else
+    ``"optimal_weights"``. Then the B side by ``method``, fitted to the dynamic output given the
+    frozen A side. (A free ``[r, in]`` A, the A-side analogue of ``optimal_bc``, is not offered: it
+    would need ``[in, in]`` statistics per layer.) Each v2 layer's report has an ``"A"`` entry:
+    ``method``, ``relative_error`` (``|h_static - h| / |h|``), ``relative_errors``, ``weights`` (mean
+    A-routing weights) and ``static_weights``; the layer's ``relative_error`` is end to end.
+
     Returns a ``FreezeReport``: per layer path, ``relative_error`` (``|d_static - d| / |d|`` over
     the calibration tokens, for ``method``), ``relative_error_mean`` (the same for ``"mean"``, the
     error before optimisation), ``relative_errors`` (every method's), ``max_abs_error`` (from a
@@ -269,34 +356,70 @@ def freeze_router(
     tune_lr = _check_lr(tune_lr, "tune_lr")
     if tune_steps and tune_batches is None:
         raise ValueError("tune_batches: tune_steps > 0 needs labelled batches to train on")
-    if model.configs[name].routing == "static":
-        raise ValueError(f"adapter {name!r} already uses static routing; nothing to freeze")
+    config = model.configs[name]
+    if config.num_A is None:
+        if method_A is not None:
+            raise ValueError(
+                f"method_A: adapter {name!r} has no A router (LilyConfig.num_A is None); method_A applies to Lily v2"
+            )
+        if config.routing == "static":
+            raise ValueError(f"adapter {name!r} already uses static routing; nothing to freeze")
+    else:
+        if method_A is None:
+            method_A = "mean" if method == "mean" else "optimal_weights"
+        if method_A not in METHODS_A:
+            raise ValueError(
+                f"method_A: expected one of {', '.join(map(repr, METHODS_A))} for Lily v2's A side, got {method_A!r}"
+                + (
+                    " (a free [r, in] A per layer, the A-side analogue of optimal_bc, would need [in, in] statistics "
+                    "per layer and is not supported)"
+                    if method_A == "optimal_bc"
+                    else ""
+                )
+            )
+        if config.routing == "static" and config.routing_A == "static":
+            raise ValueError(f"adapter {name!r} already uses static routing on both sides; nothing to freeze")
     reiterable = _iterable(batches, "batches") is not batches
 
     with torch.no_grad():
-        stats, frozen, peaks = _calibrate(model, name, layers, batches, method, float(ridge), reiterable)
+        stats, frozen, peaks = _calibrate(model, name, layers, batches, method, float(ridge), reiterable, method_A)
     for path, layer in layers.items():
-        if method == "optimal_bc":
-            layer.set_static_bank(name, frozen[path]["combined"])
+        solved = frozen[path]
+        if solved["A"] is not None and name in layer.lily_router_A:
+            layer.set_static_weights_A(name, solved["A"]["weights"])
+        if solved["keep_B"]:
+            pass
+        elif method == "optimal_bc":
+            layer.set_static_bank(name, solved["combined"])
         else:
-            layer.set_static_weights(name, frozen[path]["weights"])
-    model.configs[name] = dataclasses.replace(model.configs[name], routing="static")
+            layer.set_static_weights(name, solved["weights"])
+    changes = {"routing": "static"} if config.num_A is None else {"routing": "static", "routing_A": "static"}
+    model.configs[name] = dataclasses.replace(config, **changes)
     report = {}
     for path, solved in frozen.items():
         report[path] = {
-            "method": method,
-            "relative_error": solved["errors"][method],
-            "relative_error_mean": solved["errors"]["mean"],
+            "method": method if not solved["keep_B"] else "static",
+            "relative_error": solved["error"],
+            "relative_error_mean": solved["error_mean"],
             "relative_errors": solved["errors"],
             "max_abs_error": peaks.get(path),
-            "weights": solved["mean"].tolist(),
+            "weights": None if solved["mean"] is None else solved["mean"].tolist(),
             "static_weights": None if solved["weights"] is None else solved["weights"].tolist(),
         }
+        if solved["A"] is not None:
+            a_side = solved["A"]
+            report[path]["A"] = {
+                "method": method_A,
+                "relative_error": a_side["errors"][method_A],
+                "relative_errors": a_side["errors"],
+                "weights": a_side["mean"].tolist(),
+                "static_weights": a_side["weights"].tolist(),
+            }
     losses = tune_static(model, tune_batches, tune_steps, lr=tune_lr, adapter_name=name) if tune_steps else []
     return FreezeReport(report, method, float(ridge), losses)
 
 
-def _calibrate(model, name, layers, batches, method, ridge, reiterable):
+def _calibrate(model, name, layers, batches, method, ridge, reiterable, method_A=None):
     previous = model.active_adapter
     model.set_adapter(name)
     was_training = model.training
@@ -305,47 +428,72 @@ def _calibrate(model, name, layers, batches, method, ridge, reiterable):
     frozen: dict[str, dict] = {}
     peaks: dict[str, float] = {}
 
-    def dynamic_output(layer, x):
-        A = layer.lily_A[name].weight.detach()
-        hidden = F.linear(x.detach().to(device=A.device, dtype=torch.float64), A.double())
-        routing = layer.routing[name]
-        delta = routed_mix(
-            hidden,
-            layer.lily_router[name].weight.detach().double(),
-            layer.bank(name).detach().double(),
-            scaling=layer.scaling[name],
-            mode=routing,
-            mask=layer.sequence_mask(hidden, routing) if routing in ("sequence", "causal") else None,
+    def mix(layer, hidden, router, bank, routing, scaling):
+        mask = layer.sequence_mask(hidden, routing) if routing in ("sequence", "causal") else None
+        return routed_mix(
+            hidden, router.detach().double(), bank.detach().double(), scaling=scaling, mode=routing, mask=mask
         )
-        return hidden, delta, _token_mask(layer, hidden)
+
+    def dynamic_output(layer, x):
+        """(the A experts' projections [..., num_A, r] for Lily v2, else None; h; d; the token mask)"""
+        experts = None
+        if layer.is_v2(name):
+            bank_A = layer.a_bank(name).detach()
+            x = x.detach().to(device=bank_A.device, dtype=torch.float64)
+            experts = torch.einsum("...i,aik->...ak", x, bank_A.double())
+            hidden = mix(layer, x, layer.a_router(name), bank_A, layer.routing_A[name], 1.0)
+        else:
+            A = layer.lily_A[name].weight.detach()
+            hidden = F.linear(x.detach().to(device=A.device, dtype=torch.float64), A.double())
+        routing = layer.routing[name]
+        delta = mix(layer, hidden, layer.router(name), layer.routed_bank(name), routing, layer.scaling[name])
+        return experts, hidden, delta, _token_mask(layer, hidden)
 
     def hook(path, layer):
         def fn(module, args, output):
-            hidden, delta, mask = dynamic_output(layer, args[0])
+            experts, hidden, delta, mask = dynamic_output(layer, args[0])
             h = hidden.reshape(-1, hidden.shape[-1])
             d = delta.reshape(-1, delta.shape[-1])
             m = mask.reshape(-1, 1)
+            q = h if experts is None else experts.reshape(h.shape[0], -1)  # [N, num_A * r] for Lily v2
             if not frozen:  # pass 1: the sums
-                probs = torch.softmax(h @ layer.lily_router[name].weight.detach().double().T, dim=-1)
-                hm = h * m
+                if layer.routing[name] == "static":
+                    probs = torch.zeros(h.shape[0], 1, dtype=h.dtype, device=h.device)
+                else:
+                    probs = torch.softmax(h @ layer.lily_router[name].weight.detach().double().T, dim=-1)
+                qm = q * m
                 if path not in stats:
-                    r, out = h.shape[-1], d.shape[-1]
+                    k, out = q.shape[-1], d.shape[-1]
                     zeros = {"dtype": torch.float64, "device": h.device}
                     stats[path] = _Stats(
                         torch.zeros(probs.shape[-1], **zeros),
                         0.0,
-                        torch.zeros(r, r, **zeros),
-                        torch.zeros(r, out, **zeros),
+                        torch.zeros(k, k, **zeros),
+                        torch.zeros(k, out, **zeros),
                         0.0,
                     )
+                    if experts is not None:
+                        stats[path].probs_A = torch.zeros(layer.num_A[name], **zeros)
+                        stats[path].c_A = torch.zeros(layer.num_A[name], **zeros)
                 st = stats[path]
                 st.probs += (probs * m).sum(0)
                 st.count += float(m.sum())
-                st.H += hm.T @ h
-                st.Y += hm.T @ d
+                st.H += qm.T @ q
+                st.Y += qm.T @ d
                 st.D += float((d.square() * m).sum())
+                if experts is not None:
+                    p = experts.reshape(h.shape[0], layer.num_A[name], -1)
+                    if name in layer.lily_router_A:
+                        x = args[0].detach().to(dtype=torch.float64, device=h.device).reshape(h.shape[0], -1)
+                        probs_A = torch.softmax(x @ layer.lily_router_A[name].weight.detach().double().T, dim=-1)
+                        st.probs_A += (probs_A * m).sum(0)
+                    st.c_A += torch.einsum("nak,nk->a", p * m.unsqueeze(-1), h)
+                    st.D_A += float((h.square() * m).sum())
                 return
             # pass 2: the frozen output on the same tokens
+            if experts is not None:
+                v = frozen[path]["A"]["weights"]
+                h = torch.einsum("a,nak->nk", v, experts.reshape(h.shape[0], v.shape[0], -1))
             static = layer.scaling[name] * (h @ frozen[path]["combined"])
             diff = (static - d) * m
             peaks[path] = max(peaks.get(path, 0.0), float(diff.abs().max()) if diff.numel() else 0.0)
@@ -363,7 +511,7 @@ def _calibrate(model, name, layers, batches, method, ridge, reiterable):
         for path, layer in layers.items():
             if path not in stats or stats[path].count == 0:
                 raise ValueError(f"batches: no unmasked token reached layer {path!r}; cannot estimate its routing")
-            frozen[path] = _solve_layer(layer, name, stats[path], method, ridge)
+            frozen[path] = _solve_layer(layer, name, stats[path], method, ridge, method_A)
         if reiterable:
             for batch in batches:
                 _call(model, batch)
@@ -381,14 +529,15 @@ def _calibrate(model, name, layers, batches, method, ridge, reiterable):
 
 def static_parameters(model: LilyModel, adapter_name: str | None = None) -> list[torch.nn.Parameter]:
     """The per-layer static parameters of a static adapter: each layer's ``lily_Bc`` (frozen with
-    ``optimal_bc``) or ``lily_theta``."""
+    ``optimal_bc``) or ``lily_theta`` (and Lily v2's ``lily_theta_A``)."""
     name, layers = _check_adapter(model, adapter_name)
-    if model.configs[name].routing != "static":
+    if model.configs[name].routing != "static" or model.configs[name].routing_A not in (None, "static"):
         raise ValueError(
             f"adapter {name!r} uses {model.configs[name].routing!r} routing; freeze it first with "
             "lily_ext.freeze_router(model, calibration_batches)"
         )
-    return [m.lily_Bc[name] if name in m.lily_Bc else m.lily_theta[name] for m in layers.values()]
+    params = [m.lily_Bc[name] if name in m.lily_Bc else m.lily_theta[name] for m in layers.values()]
+    return params + [m.lily_theta_A[name] for m in layers.values() if name in m.lily_theta_A]
 
 
 def _loss(output, batch, loss_fn):

@@ -8,6 +8,11 @@ A checkpoint is a directory with
 - ``adapter.safetensors``: ``group.{g}.B``, ``group.{g}.A.{block}``, ``router.{layer}`` (or
   ``theta.{layer}`` for static routing) and ``save.{module}.{name}`` tensors.
 
+Format 2 (Lily v2, ``num_A`` set) stores ``group.{g}.A_bank`` (``[num_A, in, r]``, once per group)
+and ``router_A.{layer}`` (``[num_A, in]``, or ``theta_A.{layer}`` ``[num_A]`` for static A routing)
+instead of ``group.{g}.A.{block}``. A v1 adapter is still written as format 1 (so earlier
+lily_ext versions read it); every format up to ``FORMAT_VERSION`` is read.
+
 Saving is atomic (see _build/atomic.py). Loading checks everything against the base model before
 changing it, and names the first mismatch.
 """
@@ -27,7 +32,7 @@ from .layer import ModulesToSave
 from .targets import ShareGroup, modules_to_save_paths, plan_adapter
 
 FORMAT = "lily_ext.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Lily v2 (routed A bank); v1 adapters are written as format 1
 CONFIG_NAME = "lily_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 
@@ -51,14 +56,18 @@ def adapter_tensors(model, adapter_name: str) -> dict[str, torch.Tensor]:
     for g, group in enumerate(model.groups[adapter_name]):
         first = model.model.get_submodule(group.layers[0])
         tensors[f"group.{g}.B"] = first.lily_B[adapter_name].weight
-        for b, block in enumerate(group.a_blocks(config.stride_A)):
-            tensors[f"group.{g}.A.{b}"] = model.model.get_submodule(block[0]).lily_A[adapter_name].weight
+        if config.num_A is not None:
+            tensors[f"group.{g}.A_bank"] = first.lily_A_bank[adapter_name]
+        else:
+            for b, block in enumerate(group.a_blocks(config.stride_A)):
+                tensors[f"group.{g}.A.{b}"] = model.model.get_submodule(block[0]).lily_A[adapter_name].weight
         for path in group.layers:
             layer = model.model.get_submodule(path)
             if adapter_name in layer.lily_Bc:
                 raise ValueError(
                     f"adapter {adapter_name!r}: layer {path!r} was frozen to its own combined bank "
-                    "(freeze_router method='optimal_bc'), which checkpoint format version 1 cannot hold; "
+                    "(freeze_router method='optimal_bc'), which checkpoint format version 1 cannot hold (nor format 2, "
+                    "which adds Lily v2's A bank); "
                     "save the adapter before freezing, freeze with method='optimal_weights' or 'mean', "
                     "or export the merged form"
                 )
@@ -66,6 +75,11 @@ def adapter_tensors(model, adapter_name: str) -> dict[str, torch.Tensor]:
                 tensors[f"theta.{path}"] = layer.lily_theta[adapter_name]
             else:
                 tensors[f"router.{path}"] = layer.lily_router[adapter_name].weight
+            if config.num_A is not None:
+                if config.routing_A == "static":
+                    tensors[f"theta_A.{path}"] = layer.lily_theta_A[adapter_name]
+                else:
+                    tensors[f"router_A.{path}"] = layer.lily_router_A[adapter_name].weight
     for path in _saved_module_paths(model, adapter_name):
         wrapper = model.model.get_submodule(path)
         for name, value in wrapper.modules_to_save[adapter_name].state_dict().items():
@@ -105,7 +119,7 @@ def write_adapter_files(model, directory: Path, adapter_name: str | None = None)
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
     record = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if model.configs[adapter_name].num_A is not None else 1,
         "adapter_name": adapter_name,
         "config": model.configs[adapter_name].to_dict(),
         "dtype": dtypes.pop() if len(dtypes) == 1 else None,
@@ -159,6 +173,11 @@ def read_adapter(base_model: nn.Module, path) -> tuple[LilyConfig, list[ShareGro
         config = LilyConfig.from_dict(record["config"])
     except (TypeError, ValueError) as e:
         raise AdapterLoadError(f"{CONFIG_NAME}: bad config: {e}") from None
+    if config.num_A is not None and record["format_version"] < 2:
+        raise AdapterLoadError(
+            f"{CONFIG_NAME}: format_version {record['format_version']} cannot hold a Lily v2 adapter (num_A="
+            f"{config.num_A}); the file is inconsistent"
+        )
     try:
         groups = plan_adapter(base_model, config)
         save_paths = modules_to_save_paths(base_model, config)
@@ -228,13 +247,21 @@ def _expected_shapes(base_model, config: LilyConfig, groups, save_paths) -> dict
     for g, group in enumerate(groups):
         out, inp = group.shape
         expected[f"group.{g}.B"] = ((E * r, out), None)
-        for b, _ in enumerate(group.a_blocks(config.stride_A)):
-            expected[f"group.{g}.A.{b}"] = ((r, inp), None)
+        if config.num_A is not None:
+            expected[f"group.{g}.A_bank"] = ((config.num_A, inp, r), None)
+        else:
+            for b, _ in enumerate(group.a_blocks(config.stride_A)):
+                expected[f"group.{g}.A.{b}"] = ((r, inp), None)
         for path in group.layers:
             if config.routing == "static":
                 expected[f"theta.{path}"] = ((E,), None)
             else:
                 expected[f"router.{path}"] = ((E, r), None)
+            if config.num_A is not None:
+                if config.routing_A == "static":
+                    expected[f"theta_A.{path}"] = ((config.num_A,), None)
+                else:
+                    expected[f"router_A.{path}"] = ((config.num_A, inp), None)
     for path in save_paths:
         module = base_model.get_submodule(path)
         module = getattr(module, "original_module", module)  # already wrapped by another adapter

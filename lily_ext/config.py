@@ -30,6 +30,13 @@ class LilyConfig:
             attention mask), ``"token"``, ``"static"`` (learned input-independent weights; mergeable) or
             ``"causal"`` (per sample, the running mean over its tokens so far: safe for decoders, exact
             under a KV cache; the decoding state travels with the generation's cache).
+        num_A: ``None`` (Lily as published: one A per block of ``stride_A`` layers) or an int >= 2:
+            Lily v2, a bank of ``num_A`` A experts (``[r, in]`` each) per target, shared by every layer
+            of the target, mixed per layer by its own A router (``[num_A, in]``, or logits
+            ``[num_A]`` for static routing): ``h = x (sum_a w_a A_a)^T``, then the B side as usual.
+            ``stride_A`` does not apply (it must stay 1).
+        routing_A: the A router's mode (any of ``routing``'s); ``None`` means the same as ``routing``.
+            Only with ``num_A``.
     """
 
     r: int = 32
@@ -43,6 +50,8 @@ class LilyConfig:
     modules_to_save: list[str] | None = None
     init_weights: bool = True
     routing: str = field(default="batch")
+    num_A: int | None = None
+    routing_A: str | None = None
 
     def __post_init__(self):
         def positive_int(name, value, minimum):
@@ -65,6 +74,32 @@ class LilyConfig:
             raise ValueError(
                 f"LilyConfig.routing: expected one of {', '.join(map(repr, ROUTINGS))}, got {self.routing!r}"
             )
+        if self.num_A is not None:
+            if isinstance(self.num_A, int) and not isinstance(self.num_A, bool) and self.num_A < 2:
+                raise ValueError(
+                    f"LilyConfig.num_A: the A router mixes A experts and needs num_A >= 2 (or None), got {self.num_A}"
+                )
+            if isinstance(self.num_A, bool) or not isinstance(self.num_A, int):
+                raise ValueError(f"LilyConfig.num_A: expected None or an integer >= 2, got {self.num_A!r}")
+            if self.stride_A != 1:
+                raise ValueError(
+                    f"LilyConfig: num_A={self.num_A} and stride_A={self.stride_A} cannot be combined: with num_A "
+                    "(Lily v2) the A bank is shared by every layer of a target and routed per layer, so stride_A "
+                    "does not apply; leave stride_A at 1"
+                )
+            if self.routing_A is None:
+                self.routing_A = self.routing
+        if self.routing_A is not None:
+            if self.routing_A not in ROUTINGS:
+                raise ValueError(
+                    f"LilyConfig.routing_A: expected one of {', '.join(map(repr, ROUTINGS))} or None, "
+                    f"got {self.routing_A!r}"
+                )
+            if self.num_A is None:
+                raise ValueError(
+                    f"LilyConfig.routing_A: {self.routing_A!r} routes an A bank, which needs num_A (an int >= 2); "
+                    "without num_A there is no A router"
+                )
         for name in ("target_modules", "exclude_modules", "layers_pattern"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
@@ -93,8 +128,18 @@ class LilyConfig:
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"LilyConfig.init_weights: expected a bool, got {self.init_weights!r}")
 
+    @property
+    def is_v2(self) -> bool:
+        """Lily v2: a routed A bank (``num_A`` set)."""
+        return self.num_A is not None
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a dict; a v1 adapter's dict omits ``num_A`` / ``routing_A`` (None), so that it is
+        what earlier versions wrote and read."""
+        data = dataclasses.asdict(self)
+        if self.num_A is None:
+            del data["num_A"], data["routing_A"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> LilyConfig:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ._build.atomic import atomic_file
 from .model import LilyModel
-from .ops import routed_mix_decomposed
+from .ops import routed_mix, routed_mix_decomposed
 
 FORMS = ("custom", "decomposed", "merged")
 DOMAIN = "lily"
@@ -156,12 +156,13 @@ def _exportable(model: nn.Module, form: str) -> nn.Module:
     if form == "merged":
         if not isinstance(model, LilyModel):
             raise TypeError(f"model: form 'merged' needs a lily_ext.LilyModel, got {type(model).__name__}")
-        routing = model.configs[model.active_adapter].routing
-        if routing != "static":
-            raise ValueError(
-                f"form 'merged': the active adapter uses {routing!r} routing, which depends on the input; "
-                "freeze it to static weights first with lily_ext.freeze_router(model, calibration_batches)"
-            )
+        config = model.configs[model.active_adapter]
+        for what, routing in (("routing", config.routing), ("routing_A", config.routing_A)):
+            if routing not in (None, "static"):
+                raise ValueError(
+                    f"form 'merged': the active adapter uses {what}={routing!r}, which depends on the input; "
+                    "freeze it to static weights first with lily_ext.freeze_router(model, calibration_batches)"
+                )
         return copy.deepcopy(model).merge_and_unload().eval()
     # Export the wrapped model itself: its forward has the named arguments dynamic_shapes refers to.
     return model.model if isinstance(model, LilyModel) else model
@@ -286,29 +287,49 @@ class _CausalLayerWithState(nn.Module):
     ``C [batch, E]`` (sum of the router probabilities of the unmasked tokens so far) and ``n [batch]``
     (their count) come in through ``slots.incoming[key]``; the updated pair goes to
     ``slots.outgoing[key]``. Standard ops only: ``lily.RoutedMix`` takes no state. The formula is
-    ``LilyLinear._causal_mix``'s (float32 sums here)."""
+    ``LilyLinear._causal_mix``'s (float32 sums here). Lily v2 with causal A routing has a second state,
+    key ``key + ":A"``; a side whose routing is not causal goes through the op as in ``LilyLinear``."""
 
     def __init__(self, layer, name: str, key: str, slots: _StateSlots):
         super().__init__()
         self.layer, self.adapter, self.key, self.slots = layer, name, key, slots
 
-    def forward(self, x, *args, **kwargs):
-        layer, name = self.layer, self.adapter
-        result = layer.base_layer(x, *args, **kwargs)
-        A = layer.lily_A[name].weight
-        hidden = torch.nn.functional.linear(x.to(A.dtype), A)  # [batch, seq, r]
-        C0, n0 = self.slots.incoming[self.key]
+    def _continue(self, key, hidden, router, bank, scaling):
+        C0, n0 = self.slots.incoming[key]
         mask = self.slots.mask
         seq = hidden.shape[1]
         valid = (mask[:, mask.shape[1] - seq :] != 0).to(hidden.dtype)  # the current tokens' mask
-        router = layer.lily_router[name].weight
         probs = torch.softmax(hidden @ router.T, dim=-1)
         C = C0.to(hidden.dtype).unsqueeze(1) + torch.cumsum(probs * valid.unsqueeze(-1), dim=1)
         n = n0.to(hidden.dtype).unsqueeze(1) + torch.cumsum(valid, dim=1)
         weights = C / n.clamp_min(1.0).unsqueeze(-1)  # 0 until the first unmasked token (C is 0 too)
         z = (weights.unsqueeze(-1) * hidden.unsqueeze(-2)).flatten(-2)  # [batch, seq, E * r]
-        delta = layer.scaling[name] * (z @ layer.lily_B[name].weight)
-        self.slots.outgoing[self.key] = (C[:, -1].to(C0.dtype), n[:, -1].to(n0.dtype))
+        self.slots.outgoing[key] = (C[:, -1].to(C0.dtype), n[:, -1].to(n0.dtype))
+        return scaling * (z @ bank.reshape(-1, bank.shape[-1]))
+
+    def forward(self, x, *args, **kwargs):
+        layer, name = self.layer, self.adapter
+        result = layer.base_layer(x, *args, **kwargs)
+        if layer.is_v2(name) and layer.routing_A[name] == "causal":
+            bank_A = layer.a_bank(name)
+            hidden = self._continue(self.key + ":A", x.to(bank_A.dtype), layer.lily_router_A[name].weight, bank_A, 1.0)
+        else:
+            hidden = layer.project(name, x)  # [batch, seq, r]
+        routing = layer.routing[name]
+        if routing == "causal":
+            delta = self._continue(
+                self.key, hidden, layer.lily_router[name].weight, layer.bank(name), layer.scaling[name]
+            )
+        else:
+            mask = layer.sequence_mask(hidden) if routing == "sequence" else None
+            delta = routed_mix(
+                hidden,
+                layer.router(name),
+                layer.routed_bank(name),
+                scaling=layer.scaling[name],
+                mode=routing,
+                mask=mask,
+            )
         return result + delta.to(result.dtype)
 
 
@@ -497,17 +518,20 @@ def export_causal_lm(model: nn.Module, out_dir, *, form: str = "custom", calibra
             f"{type(base).__name__}"
         )
     routing = model.configs[model.active_adapter].routing if isinstance(model, LilyModel) else None
-    if form == "merged" and routing not in (None, "static") and calibration is None:
+    routing_A = model.configs[model.active_adapter].routing_A if isinstance(model, LilyModel) else None
+    dynamic = next((r for r in (routing, routing_A) if r not in (None, "static")), None)
+    if form == "merged" and dynamic is not None and calibration is None:
         raise ValueError(
-            f"form 'merged': the active adapter uses {routing!r} routing, which depends on the input; pass "
+            f"form 'merged': the active adapter uses {dynamic!r} routing, which depends on the input; pass "
             "calibration=batches to freeze it to static weights (lily_ext.freeze_router), or export form 'custom' or "
             "'decomposed'"
         )
     register_onnx_schema()
     work = copy.deepcopy(model)
-    if isinstance(work, LilyModel) and calibration is not None and routing != "static":
+    if isinstance(work, LilyModel) and calibration is not None and dynamic is not None:
         freeze_router(work, calibration)
         routing = "static"
+        routing_A = None if routing_A is None else "static"
     if form == "merged" and isinstance(work, LilyModel):
         lm = work.merge_and_unload()
     else:
@@ -515,24 +539,30 @@ def export_causal_lm(model: nn.Module, out_dir, *, form: str = "custom", calibra
     lm.eval()
 
     slots = _StateSlots()
-    state_layers = []  # (key, E)
+    state_layers = []  # (key, E, side)
     if isinstance(work, LilyModel) and form != "merged":
         from .layer import LilyLinear
         from .targets import set_module
 
         name = work.active_adapter
         for path, layer in list(lm.named_modules()):
-            if isinstance(layer, LilyLinear) and layer.routing.get(name) == "causal" and name in layer.lily_A:
+            if not isinstance(layer, LilyLinear) or name not in layer.r:
+                continue
+            causal_A = layer.routing_A.get(name) == "causal"
+            if layer.routing.get(name) == "causal" or causal_A:
                 if layer.disable_adapters or name in layer.merged_adapters:
                     continue
                 set_module(lm, path, _CausalLayerWithState(layer, name, path, slots))
-                state_layers.append((path, layer.num_B[name]))
+                if causal_A:  # Lily v2: the A router's running state, before the B router's
+                    state_layers.append((path + ":A", layer.num_A[name], "A"))
+                if layer.routing[name] == "causal":
+                    state_layers.append((path, layer.num_B[name], "B"))
     dims = _decoder_dims(lm.config)
     layers = dims["num_hidden_layers"]
     import inspect
 
     takes_position_ids = "position_ids" in inspect.signature(lm.forward).parameters
-    wrapper = _DecoderForExport(lm, layers, [k for k, _ in state_layers], slots, takes_position_ids).eval()
+    wrapper = _DecoderForExport(lm, layers, [k for k, _, _ in state_layers], slots, takes_position_ids).eval()
 
     # the example: batch 2, 3 new tokens after 2 past ones (no axis of size 0 or 1, so none is specialised)
     param = next(lm.parameters())
@@ -546,7 +576,7 @@ def export_causal_lm(model: nn.Module, out_dir, *, form: str = "custom", calibra
         for _ in range(2 * layers)
     )
     states = []
-    for _, E in state_layers:
+    for _, E, _ in state_layers:
         states += [torch.rand(batch, E) * past / E, torch.full((batch,), float(past))]
     states = tuple(states)
 
@@ -621,13 +651,17 @@ def export_causal_lm(model: nn.Module, out_dir, *, form: str = "custom", calibra
             "format_version": 1,
             "form": form,
             "routing": routing,
+            "routing_A": routing_A,
             "custom_ops_library": library,
             "uses_routed_mix": uses_op,
             "position_ids": takes_position_ids,
             "num_hidden_layers": layers,
             "num_key_value_heads": dims["num_key_value_heads"],
             "head_size": dims["head_size"],
-            "state_layers": [{"index": i, "layer": k, "num_B": E} for i, (k, E) in enumerate(state_layers)],
+            "state_layers": [
+                {"index": i, "layer": k.removesuffix(":A"), "side": side, "num_A" if side == "A" else "num_B": E}
+                for i, (k, E, side) in enumerate(state_layers)
+            ],
             "eos_token_id": tokens["eos"],
             "pad_token_id": tokens["pad"],
             "model_type": model_type,

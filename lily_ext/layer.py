@@ -12,6 +12,36 @@ from torch import nn
 from .causal import CausalStateError, RoutingContext
 from .ops import routed_mix
 
+# Lily v2's A side in the per-row modes (token, causal) contracts over num_A * in into only r columns:
+# the op's (W kron x) Bk_flat product was measured 2-4x slower there on the CPU than one GEMM
+# x @ [in, num_A * r] and the weighted sum over the experts (BENCHMARKS.md, "Lily v2's A side"), from
+# a few hundred rows on. Training on the CPU takes that form (same math, autograd); inference, export
+# (under no_grad), tracing and compiling keep the op.
+PER_ROW_A_GEMM_MIN_ROWS = 256
+
+
+def _per_row_a_as_gemm(x: torch.Tensor, bank: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (x.requires_grad or bank.requires_grad)
+        and x.numel() >= PER_ROW_A_GEMM_MIN_ROWS * x.shape[-1]
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
+
+
+def _per_row_a_side(x, router, bank, causal_mask):
+    """``sum_a W_na (x_n A_a^T)``: W = softmax(x R_A^T) per token, or (``causal_mask`` given, x
+    ``[..., L, in]``) its running mean over each sample's unmasked tokens so far (0 before the first)."""
+    num_A, width, r = bank.shape
+    probs = torch.softmax(x @ router.T, dim=-1)
+    if causal_mask is not None:
+        valid = (causal_mask != 0).to(probs.dtype).unsqueeze(-1)
+        probs = torch.cumsum(probs * valid, dim=-2) / torch.cumsum(valid, dim=-2).clamp_min(1.0)
+    experts = (x @ bank.permute(1, 0, 2).reshape(width, num_A * r)).unflatten(-1, (num_A, r))
+    return (probs.unsqueeze(-1) * experts).sum(-2)
+
 
 class LilyLinear(nn.Module):
     """``base_layer(x) + scaling * routed_mix(A x, router, B bank)`` for the active adapter.
@@ -23,6 +53,11 @@ class LilyLinear(nn.Module):
 
     A static adapter frozen to a per-layer combined bank (``freeze_router(method="optimal_bc")``)
     holds ``lily_Bc [r, out]`` instead of ``lily_theta``: its delta is ``scaling * (A x) Bc``.
+
+    Lily v2 (``num_A``): instead of ``lily_A`` the layer holds the target's shared A bank
+    ``lily_A_bank`` (a Parameter ``[num_A, in, r]``, the same object in every layer of the target)
+    and its own A router ``lily_router_A`` (``nn.Linear(in, num_A)``) or, for static A routing,
+    ``lily_theta_A [num_A]``: ``h = routed_mix(x, R_A, A_bank, mode=routing_A)``, then the B side.
     """
 
     def __init__(self, base_layer: nn.Linear, context: RoutingContext):
@@ -35,6 +70,11 @@ class LilyLinear(nn.Module):
         self.lily_router = nn.ModuleDict()
         self.lily_theta = nn.ParameterDict()
         self.lily_Bc = nn.ParameterDict()
+        self.lily_A_bank = nn.ParameterDict()  # Lily v2: [num_A, in, r], shared by the target's layers
+        self.lily_router_A = nn.ModuleDict()
+        self.lily_theta_A = nn.ParameterDict()
+        self.num_A: dict[str, int] = {}
+        self.routing_A: dict[str, str] = {}
         self.r: dict[str, int] = {}
         self.num_B: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
@@ -61,11 +101,29 @@ class LilyLinear(nn.Module):
         lily_A: nn.Linear | None = None,
         lily_B: nn.Linear | None = None,
         dtype=None,
+        num_A: int | None = None,
+        routing_A: str | None = None,
+        lily_A_bank: nn.Parameter | None = None,
     ) -> None:
-        """Adds adapter ``name``; ``lily_A`` / ``lily_B`` are the shared modules (created when None)."""
+        """Adds adapter ``name``; ``lily_A`` / ``lily_B`` are the shared modules (created when None).
+
+        With ``num_A`` (Lily v2) the layer gets the shared A bank ``lily_A_bank`` (created when None)
+        and its own A router (mode ``routing_A``, default ``routing``) instead of ``lily_A``."""
         factory = {"device": self.base_layer.weight.device, "dtype": dtype or self.adapter_dtype()}
         self.r[name], self.num_B[name], self.scaling[name], self.routing[name] = r, num_B, scaling, routing
-        self.lily_A[name] = lily_A if lily_A is not None else nn.Linear(self.in_features, r, bias=False, **factory)
+        if num_A is None:
+            self.lily_A[name] = lily_A if lily_A is not None else nn.Linear(self.in_features, r, bias=False, **factory)
+        else:
+            self.num_A[name], self.routing_A[name] = num_A, routing_A or routing
+            self.lily_A_bank[name] = (
+                lily_A_bank
+                if lily_A_bank is not None
+                else nn.Parameter(torch.empty(num_A, self.in_features, r, **factory))
+            )
+            if self.routing_A[name] == "static":
+                self.lily_theta_A[name] = nn.Parameter(torch.empty(num_A, **factory))
+            else:
+                self.lily_router_A[name] = nn.Linear(self.in_features, num_A, bias=False, **factory)
         self.lily_B[name] = (
             lily_B if lily_B is not None else nn.Linear(self.out_features, num_B * r, bias=False, **factory)
         )
@@ -73,12 +131,21 @@ class LilyLinear(nn.Module):
             self.lily_theta[name] = nn.Parameter(torch.empty(num_B, **factory))
         else:
             self.lily_router[name] = nn.Linear(r, num_B, bias=False, **factory)
-        self.reset_parameters(name, init_weights, own_A=lily_A is None, own_B=lily_B is None)
+        own_A = lily_A_bank is None if num_A is not None else lily_A is None
+        self.reset_parameters(name, init_weights, own_A=own_A, own_B=lily_B is None)
 
     @torch.no_grad()
     def reset_parameters(self, name: str, init_weights: bool, own_A: bool = True, own_B: bool = True) -> None:
-        if own_A:
+        if own_A and name in self.lily_A_bank:
+            # each expert A_a [r, in] Kaiming-uniform as nn.Linear(in, r) would be: bound 1 / sqrt(in)
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.lily_A_bank[name], -bound, bound)
+        elif own_A:
             nn.init.kaiming_uniform_(self.lily_A[name].weight, a=math.sqrt(5))
+        if name in self.lily_router_A:
+            nn.init.kaiming_uniform_(self.lily_router_A[name].weight, a=math.sqrt(5))
+        elif name in self.lily_theta_A:
+            nn.init.uniform_(self.lily_theta_A[name], -1.0, 1.0)
         if own_B:
             if init_weights:
                 nn.init.zeros_(self.lily_B[name].weight)
@@ -91,10 +158,19 @@ class LilyLinear(nn.Module):
             nn.init.uniform_(self.lily_theta[name], -1.0, 1.0)
 
     def delete_adapter(self, name: str) -> None:
-        for table in (self.lily_A, self.lily_B, self.lily_router, self.lily_theta, self.lily_Bc):
+        for table in (
+            self.lily_A,
+            self.lily_B,
+            self.lily_router,
+            self.lily_theta,
+            self.lily_Bc,
+            self.lily_A_bank,
+            self.lily_router_A,
+            self.lily_theta_A,
+        ):
             if name in table:
                 del table[name]
-        for table in (self.r, self.num_B, self.scaling, self.routing):
+        for table in (self.r, self.num_B, self.scaling, self.routing, self.num_A, self.routing_A):
             table.pop(name, None)
         if name in self.merged_adapters:
             self.merged_adapters.remove(name)
@@ -108,6 +184,51 @@ class LilyLinear(nn.Module):
         if name in self.lily_Bc:  # one expert, its own combined bank: softmax([0]) = [1]
             return self.lily_Bc[name].new_zeros(1)
         return self.lily_theta[name] if self.routing[name] == "static" else self.lily_router[name].weight
+
+    # ---- Lily v2: the routed A bank ----------------------------------------------------------------
+
+    def is_v2(self, name: str) -> bool:
+        return name in self.lily_A_bank
+
+    def a_bank(self, name: str) -> torch.Tensor:
+        """Lily v2: the target's shared A bank ``[num_A, in, r]`` (expert a is ``a_bank[a].T``, ``[r, in]``)."""
+        if name not in self.lily_A_bank:
+            raise ValueError(f"adapter {name!r} has no A bank (LilyConfig.num_A is None: one A per stride_A layers)")
+        return self.lily_A_bank[name]
+
+    def a_router(self, name: str) -> torch.Tensor:
+        """Lily v2: this layer's A router weight ``[num_A, in]``, or ``theta_A [num_A]`` for static A routing."""
+        if name not in self.lily_A_bank:
+            raise ValueError(f"adapter {name!r} has no A router (LilyConfig.num_A is None)")
+        return self.lily_theta_A[name] if name in self.lily_theta_A else self.lily_router_A[name].weight
+
+    def combined_a(self, name: str) -> torch.Tensor:
+        """``A [r, in]`` of a static A side in float64: ``lily_A``, or ``sum_a softmax(theta_A)_a A_a``."""
+        if name in self.lily_A:
+            return self.lily_A[name].weight.double()
+        if name not in self.lily_theta_A:
+            raise ValueError(
+                f"adapter {name!r} uses {self.routing_A[name]!r} routing for its A bank, which depends on the input "
+                "and cannot be merged; freeze it to static weights first with lily_ext.freeze_router(model, "
+                "calibration_batches)"
+            )
+        weights = torch.softmax(self.lily_theta_A[name].double(), dim=0)
+        return torch.einsum("a,aik->ki", weights, self.lily_A_bank[name].double())
+
+    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``h [..., r]``: ``A x`` (v1) or the routed A bank's ``routed_mix(x, R_A, A_bank)`` (v2)."""
+        if name in self.lily_A:
+            A = self.lily_A[name].weight
+            return F.linear(x.to(A.dtype), A)
+        bank = self.lily_A_bank[name]
+        x = x.to(bank.dtype)
+        routing = self.routing_A[name]
+        if routing == "causal":
+            return self._causal_mix(name, x, self.lily_router_A[name].weight, bank, 1.0, side="A")
+        mask = self.sequence_mask(x, "sequence") if routing == "sequence" else None
+        if routing == "token" and _per_row_a_as_gemm(x, bank):
+            return _per_row_a_side(x, self.lily_router_A[name].weight, bank, None)
+        return routed_mix(x, self.a_router(name), bank, scaling=1.0, mode=routing, mask=mask)
 
     def routed_bank(self, name: str) -> torch.Tensor:
         """The bank ``routed_mix`` mixes: the shared ``[num_B, r, out]`` one, or ``[1, r, out]`` for a
@@ -125,14 +246,14 @@ class LilyLinear(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``scaling * Bc^T A`` ([out, in]) for a static adapter, ``Bc = sum_e softmax(theta)_e Bk_e``
-        (or the layer's own ``lily_Bc``)."""
+        (or the layer's own ``lily_Bc``); for Lily v2 with both routers static ``A`` is
+        ``Ac = sum_a softmax(theta_A)_a A_a``."""
         if self.routing[name] != "static":
             raise ValueError(
                 f"adapter {name!r} uses {self.routing[name]!r} routing, which depends on the input and cannot be "
                 "merged; freeze it to static weights first with lily_ext.freeze_router(model, calibration_batches)"
             )
-        A = self.lily_A[name].weight.double()
-        return self.scaling[name] * self.combined_bank(name).T @ A
+        return self.scaling[name] * self.combined_bank(name).T @ self.combined_a(name)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -157,6 +278,15 @@ class LilyLinear(nn.Module):
         self.lily_theta[name] = nn.Parameter(theta.to(router.dtype), requires_grad=router.requires_grad)
         del self.lily_router[name]
         self.routing[name] = "static"
+
+    @torch.no_grad()
+    def set_static_weights_A(self, name: str, weights: torch.Tensor) -> None:
+        """Lily v2: replaces the A router of adapter ``name`` by fixed mixing weights of the A bank."""
+        router = self.lily_router_A[name].weight
+        theta = torch.log(weights.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny))
+        self.lily_theta_A[name] = nn.Parameter(theta.to(router.dtype), requires_grad=router.requires_grad)
+        del self.lily_router_A[name]
+        self.routing_A[name] = "static"
 
     @torch.no_grad()
     def set_static_bank(self, name: str, combined: torch.Tensor) -> None:
@@ -192,13 +322,12 @@ class LilyLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
-        if self.disable_adapters or name is None or name not in self.lily_A or name in self.merged_adapters:
+        if self.disable_adapters or name is None or name not in self.r or name in self.merged_adapters:
             return result
-        A = self.lily_A[name].weight
-        hidden = F.linear(x.to(A.dtype), A)
+        hidden = self.project(name, x)
         routing = self.routing[name]
         if routing == "causal":
-            delta = self._causal_mix(name, hidden)
+            delta = self._causal_mix(name, hidden, self.lily_router[name].weight, self.bank(name), self.scaling[name])
         else:
             mask = self.sequence_mask(hidden) if routing == "sequence" else None
             delta = routed_mix(
@@ -208,19 +337,25 @@ class LilyLinear(nn.Module):
 
     # ---- causal routing: the op, or decoding from the state the KV cache carries ----------------
 
-    def _causal_mix(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
+    def _causal_mix(self, name: str, hidden, router, bank, scaling: float, side: str = "B") -> torch.Tensor:
+        """``routed_mix(hidden, router, bank, mode="causal")``, continued from the KV cache's state when
+        decoding. Each side (the B bank, and Lily v2's A bank) keeps its own state entry."""
         mask = self.sequence_mask(hidden, "causal")
-        router, scaling = self.lily_router[name].weight, self.scaling[name]
         call = self._context.current()
         state = call.causal_state() if call is not None else None
         if state is None:  # no KV cache in play (training, a forward without use_cache)
-            return routed_mix(hidden, router, self.bank(name), scaling=scaling, mode="causal", mask=mask)
+            if side == "A" and hidden.dim() >= 3 and _per_row_a_as_gemm(hidden, bank):
+                causal = (
+                    torch.ones(hidden.shape[:-1], dtype=hidden.dtype, device=hidden.device) if mask is None else mask
+                )
+                return scaling * _per_row_a_side(hidden, router, bank, causal)
+            return routed_mix(hidden, router, bank, scaling=scaling, mode="causal", mask=mask)
         if hidden.dim() != 3:
             raise CausalStateError(
                 f"routing='causal' with a KV cache: expected [batch, seq, features] layer inputs, got "
                 f"{hidden.dim()} dims ({list(hidden.shape[:-1])} tokens) at {self.lily_path or 'a Lily layer'}"
             )
-        key = f"{self.lily_path}:{name}"
+        key = f"{self.lily_path}:{name}" if side == "B" else f"{self.lily_path}:{name}:{side}"
         batch = hidden.shape[0]
         acc = torch.float32 if hidden.device.type == "mps" else torch.float64  # running sums (MPS has no float64)
         valid = (
@@ -240,7 +375,7 @@ class LilyLinear(nn.Module):
                 f"call has {batch}; continue a cache with the batch that filled it"
             )
         if past is None:  # first tokens: the op (fast path), then the state from the same probabilities
-            delta = routed_mix(hidden, router, self.bank(name), scaling=scaling, mode="causal", mask=mask)
+            delta = routed_mix(hidden, router, bank, scaling=scaling, mode="causal", mask=mask)
             with torch.no_grad():
                 probs = torch.softmax(hidden.detach().to(acc) @ router.detach().to(acc).T, dim=-1)
                 state.sums[key] = ((probs * valid.unsqueeze(-1)).sum(1), valid.sum(1))
@@ -254,11 +389,12 @@ class LilyLinear(nn.Module):
         E, r = weights.shape[-1], hidden.shape[-1]
         z = (weights.unsqueeze(-1) * hidden.unsqueeze(-2)).reshape(*hidden.shape[:-1], E * r)
         state.sums[key] = (C[:, -1].detach(), n[:, -1].detach())
-        return scaling * (z @ self.lily_B[name].weight)
+        return scaling * (z @ bank.reshape(E * r, bank.shape[-1]))
 
     def extra_repr(self) -> str:
         return ", ".join(
             f"{n}: r={self.r[n]}, num_B={self.num_B[n]}, routing={self.routing[n]}"
+            + (f", num_A={self.num_A[n]}, routing_A={self.routing_A[n]}" if n in self.num_A else "")
             + (" (own combined bank)" if n in self.lily_Bc else "")
             for n in self.r
         )

@@ -195,9 +195,17 @@ class LilyModel(nn.Module):
             raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
         groups = plan_adapter(self.model, config)
         save_paths = modules_to_save_paths(self.model, config)
-        if config.routing in ("batch", "sequence") and is_decoder(self.model):
+        leaky = next(
+            (
+                f"{k}={v!r}"
+                for k, v in (("routing", config.routing), ("routing_A", config.routing_A))
+                if v in ("batch", "sequence")
+            ),
+            None,
+        )
+        if leaky is not None and is_decoder(self.model):
             warnings.warn(
-                f"adapter {adapter_name!r}: routing={config.routing!r} on a decoder ({type(self.model).__name__}) averages "
+                f"adapter {adapter_name!r}: {leaky} on a decoder ({type(self.model).__name__}) averages "
                 "the router over whole sequences, so future tokens leak into earlier positions (a teacher-forced "
                 "forward is not causal) and KV-cache generation differs from the forward pass. Use "
                 'routing="causal" (exact with a KV cache), "token" or "static" for causal language models',
@@ -205,7 +213,7 @@ class LilyModel(nn.Module):
                 stacklevel=_caller_stacklevel(),
             )
         for group in groups:
-            shared_B = None
+            shared_B = shared_A_bank = None  # (Lily v2: one A bank per group, like the B bank)
             for block in group.a_blocks(config.stride_A):
                 shared_A = None
                 for path in block:
@@ -224,8 +232,15 @@ class LilyModel(nn.Module):
                         lily_A=shared_A,
                         lily_B=shared_B,
                         dtype=dtype,
+                        num_A=config.num_A,
+                        routing_A=config.routing_A,
+                        lily_A_bank=shared_A_bank,
                     )
-                    shared_A, shared_B = layer.lily_A[adapter_name], layer.lily_B[adapter_name]
+                    shared_B = layer.lily_B[adapter_name]
+                    if config.num_A is None:
+                        shared_A = layer.lily_A[adapter_name]
+                    else:
+                        shared_A_bank = layer.lily_A_bank[adapter_name]
                     layer.requires_grad_(False)
         for path in save_paths:
             module = self.model.get_submodule(path)
@@ -254,10 +269,11 @@ class LilyModel(nn.Module):
     def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
         for module in self._wrappers():
             if isinstance(module, LilyLinear):
-                for table in (module.lily_A, module.lily_B, module.lily_router):
+                for table in (module.lily_A, module.lily_B, module.lily_router, module.lily_router_A):
                     if adapter_name in table:
                         table[adapter_name].requires_grad_(trainable)
-                for table in (module.lily_theta, module.lily_Bc):  # static logits, or a frozen layer's own Bc
+                # static logits, a frozen layer's own Bc, Lily v2's A bank and static A logits
+                for table in (module.lily_theta, module.lily_Bc, module.lily_A_bank, module.lily_theta_A):
                     if adapter_name in table:
                         table[adapter_name].requires_grad_(trainable)
             elif adapter_name in module.modules_to_save:
@@ -311,11 +327,12 @@ class LilyModel(nn.Module):
     # ---- merging (static routing) --------------------------------------------------------------
 
     def merge_adapter(self, adapter_name: str | None = None) -> None:
-        """Folds a static adapter into the base weights: ``W' = W + scaling * Bc^T A``."""
+        """Folds a static adapter into the base weights: ``W' = W + scaling * Bc^T A`` (Lily v2 with both
+        routers static: ``W' = W + scaling * Bc^T Ac``, ``Ac = sum_a softmax(theta_A)_a A_a``)."""
         name = adapter_name or self.active_adapter
         if name not in self.configs:
             raise ValueError(f"adapter_name: no adapter {name!r} (have: {', '.join(self.configs) or 'none'})")
-        layers = [m for _, m in self.lily_layers() if name in m.lily_A]
+        layers = [m for _, m in self.lily_layers() if name in m.r]
         for layer in layers:  # check every layer before changing any
             layer.delta_weight(name)
             if name in layer.merged_adapters:

@@ -49,6 +49,11 @@ def save_peft_adapter(model, path, adapter_name: str | None = None) -> None:
     if name not in model.configs:
         raise ValueError(f"adapter_name: no adapter {name!r} (have: {', '.join(model.configs) or 'none'})")
     config = model.configs[name]
+    if config.num_A is not None:
+        raise ValueError(
+            f"save_peft_adapter: adapter {name!r} is a Lily v2 adapter (num_A={config.num_A}: a routed A bank), "
+            "which PEFT's Lily has no way to hold; save it with save_adapter instead"
+        )
     if config.routing != "batch":
         raise ValueError(
             f"save_peft_adapter: PEFT's Lily has batch routing only; this adapter uses routing={config.routing!r}, "

@@ -220,9 +220,22 @@ def _peft_lily_forward(self, x, *args, **kwargs):
     return result
 
 
-def patch_peft() -> None:
-    """Makes PEFT's Lily layers compute through lily_ext.ops (idempotent; undo with unpatch_peft)."""
+def patch_peft(model=None) -> None:
+    """Makes PEFT's Lily layers compute through lily_ext.ops (idempotent; undo with unpatch_peft).
+
+    ``model``: optionally the model the patch is for; a LilyModel with a Lily v2 adapter (``num_A``) is
+    refused (PEFT has no v2: nothing PEFT runs can hold it)."""
     global _original_forward
+    if model is not None:
+        configs = getattr(model, "configs", None)
+        if not isinstance(configs, dict):
+            configs = getattr(model, "peft_config", None) or {}
+        for name, config in configs.items():
+            if getattr(config, "num_A", None) is not None:
+                raise ValueError(
+                    f"patch_peft: adapter {name!r} is a Lily v2 adapter (num_A={config.num_A}: a routed A bank); "
+                    "PEFT's Lily has no v2, so its layers cannot run it. Use the LilyModel itself"
+                )
     from peft.tuners.lily import layer
 
     if _original_forward is None:

@@ -21,12 +21,19 @@ def global_batch():
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1])}
 
 
-def make_model(routing):
+def make_model(routing, num_A=None):
+    """``num_A``: Lily v2 (a routed A bank, A routing = ``routing``; stride_A 1)."""
     torch.manual_seed(5)
     return lily_ext.get_lily_model(
         tiny_bert(),
         lily_ext.LilyConfig(
-            r=4, num_B=3, stride_A=2, target_modules=["query", "value"], routing=routing, init_weights=False
+            r=4,
+            num_B=3,
+            stride_A=2 if num_A is None else 1,
+            target_modules=["query", "value"],
+            routing=routing,
+            init_weights=False,
+            num_A=num_A,
         ),
     )
 
@@ -47,16 +54,16 @@ def trained_params(model):
     }
 
 
-def single_process(routing):
-    model = make_model(routing)
+def single_process(routing, num_A=None):
+    model = make_model(routing, num_A)
     train(model, global_batch())
     return trained_params(model)
 
 
-def worker(rank, world, rendezvous, routing, wrapper, out):
+def worker(rank, world, rendezvous, routing, wrapper, out, num_A=None):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        model = make_model(routing)
+        model = make_model(routing, num_A)
         if wrapper == "ddp":
             wrapped = torch.nn.parallel.DistributedDataParallel(model)
         else:  # FSDP2 over the whole model: one unit holds every shared A and B (see README)

@@ -47,7 +47,7 @@ def saved_adapter(damage=None, **config):
         (path / "adapter.safetensors").write_bytes(data[: len(data) // 3])
     elif damage == "newer":
         record = json.loads((path / "lily_config.json").read_text())
-        record["format_version"] = 2
+        record["format_version"] = 3  # newer than this lily_ext reads (FORMAT_VERSION 2)
         (path / "lily_config.json").write_text(json.dumps(record))
     return path
 

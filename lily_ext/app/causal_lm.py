@@ -177,8 +177,9 @@ def export_lm(args) -> int:
         raise DataError(f"--adapter: {adapter} is not a lily_ext adapter (no lily_config.json)")
     tokenizer, base = load_causal_lm(args.model)
     model = load_adapter(base, adapter)
-    routing = model.configs[model.active_adapter].routing
-    if args.form == "merged" and routing != "static" and not args.calibrate:
+    config = model.configs[model.active_adapter]
+    routing = config.routing if config.routing_A in (None, "static") else config.routing_A
+    if args.form == "merged" and (config.routing != "static" or routing != "static") and not args.calibrate:
         raise DataError(
             f"--form merged: this adapter uses {routing!r} routing; give --calibrate FILE (texts to freeze the router on)"
         )

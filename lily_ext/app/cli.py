@@ -27,20 +27,45 @@ def _lily_config(args, model):
     targets = args.target_modules.split(",") if args.target_modules else None
     return LilyConfig(
         r=args.r,
-        stride_A=args.stride_A,
+        stride_A=_stride_A(args),
         num_B=args.num_B,
         scaling=args.scaling,
         target_modules=targets,
         routing=args.routing,
         modules_to_save=classifier_heads(model) or None,
+        num_A=args.num_A,
+        routing_A=args.routing_A,
     )
+
+
+def _stride_A(args) -> int:
+    """--stride-A, else 2 (1 with --num-A, where it does not apply); both given is LilyConfig's error."""
+    if args.stride_A is not None:
+        return args.stride_A
+    return 1 if args.num_A is not None else 2
 
 
 def _add_lily_flags(parser, routing="sequence"):
     group = parser.add_argument_group("Lily adapter (see lily_ext.LilyConfig)")
     group.add_argument("--r", type=int, default=16, help="rank (default 16)")
-    group.add_argument("--stride-A", dest="stride_A", type=int, default=2, help="layers sharing one A (default 2)")
+    group.add_argument(
+        "--stride-A", dest="stride_A", type=int, default=None, help="layers sharing one A (default 2; not with --num-A)"
+    )
     group.add_argument("--num-B", dest="num_B", type=int, default=3, help="B experts per target (default 3)")
+    group.add_argument(
+        "--num-A",
+        dest="num_A",
+        type=int,
+        default=None,
+        help="Lily v2: a bank of NUM_A A experts per target, routed per layer (default: none, Lily v1)",
+    )
+    group.add_argument(
+        "--routing-A",
+        dest="routing_A",
+        default=None,
+        choices=["batch", "sequence", "token", "static", "causal"],
+        help="the A router's mode with --num-A (default: --routing's)",
+    )
     group.add_argument("--scaling", type=float, default=1.0)
     group.add_argument(
         "--target-modules", default=None, help="comma-separated module names (default: PEFT's for the model type)"
@@ -140,19 +165,26 @@ def cmd_demo(args) -> int:
         f"{', '.join(DEMO_CATEGORIES)}: {len(train_pairs)} train / {len(held_out)} held-out"
     )
     tokenizer, base = load_base_classifier(model_dir, labels)
-    config = LilyConfig(
-        r=args.r,
-        stride_A=args.stride_A,
-        num_B=args.num_B,
-        scaling=args.scaling,
-        target_modules=["query", "value"],
-        routing=args.routing,
-        modules_to_save=["classifier"],
-    )
+    try:
+        config = LilyConfig(
+            r=args.r,
+            stride_A=_stride_A(args),
+            num_B=args.num_B,
+            scaling=args.scaling,
+            target_modules=["query", "value"],
+            routing=args.routing,
+            modules_to_save=["classifier"],
+            num_A=args.num_A,
+            routing_A=args.routing_A,
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from None
     model = get_lily_model(base, config)
     trainable, total = model.get_nb_trainable_parameters()
     print(
-        f"Lily: r={config.r} stride_A={config.stride_A} num_B={config.num_B} routing={config.routing} on query/value "
+        f"Lily: r={config.r} stride_A={config.stride_A} num_B={config.num_B} routing={config.routing}"
+        + (f" num_A={config.num_A} routing_A={config.routing_A}" if config.num_A is not None else "")
+        + " on query/value "
         f"+ the classifier head: {trainable:,} trainable of {total:,} parameters"
     )
     before = evaluate(model, tokenizer, held_out, label_ids, max_length=args.max_length)
@@ -389,9 +421,12 @@ def cmd_export(args) -> int:
     label_ids = {l: i for i, l in enumerate(labels)}
     tokenizer, base = load_base_classifier(args.model, labels)
     model = load_adapter(base, adapter)
-    routing = model.configs[model.active_adapter].routing
+    config = model.configs[model.active_adapter]
+    routing = (
+        config.routing if config.routing_A in (None, config.routing) else f"{config.routing}, A {config.routing_A}"
+    )
     calibration, tune = [], None
-    if args.form == "merged" and routing != "static":
+    if args.form == "merged" and (config.routing != "static" or config.routing_A not in (None, "static")):
         if not args.calibrate:
             raise CliError(
                 f"--form merged: this adapter uses {routing!r} routing; give --calibrate FILE (texts to freeze the router on)"
@@ -552,9 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="all",
-        choices=["all", "ops", "train", "ort", "ort_op", "causal_leak", "freeze", "decode_ort"],
-        help="all: every one but freeze (which needs the adapter of a `lily-ext demo` run in ./lily-demo) and "
-        "decode_ort (minutes: exports a decoder in every form)",
+        choices=["all", "ops", "train", "ort", "ort_op", "causal_leak", "freeze", "decode_ort", "a_side", "v2_quality"],
+        help="all: every one but freeze (which needs the adapter of a `lily-ext demo` run in ./lily-demo), "
+        "decode_ort (minutes: exports a decoder in every form), a_side (Lily v2's A side through the op) and "
+        "v2_quality (Lily v1 vs v2 on the demo task, many minutes)",
     )
     bench.add_argument("--quick", action="store_true", help="shorter timing budget")
     bench.set_defaults(func=cmd_bench)

@@ -38,7 +38,8 @@ def for_form(
     """The model to export for ``form``: merged needs static routing, so a copy is frozen first
     (``freeze_router`` with ``method``, then ``tune_steps`` of recovery fine-tuning on ``tune_batches``,
     its dropout drawn from ``seed`` whatever the caller's random state)."""
-    if form != "merged" or model.configs[model.active_adapter].routing == "static":
+    config = model.configs[model.active_adapter]
+    if form != "merged" or (config.routing == "static" and config.routing_A in (None, "static")):
         return model, None
     frozen = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):

@@ -77,14 +77,18 @@ def example_and_other_inputs():
 DECODERS = {"llama": lambda: tiny_llama(layers=2, hidden=32), "qwen2": lambda: tiny_qwen2(layers=2, hidden=32)}
 
 
-def lily_lm(arch="llama", routing="causal", seed=0):
+def lily_lm(arch="llama", routing="causal", seed=0, **config):
     """A tiny decoder with Lily on q_proj / v_proj, adapters away from their init, eval mode, no eos
-    (fixed lengths): the causal-LM generation and decoder-export tests."""
+    (fixed lengths): the causal-LM generation and decoder-export tests (``config``: more LilyConfig
+    fields, e.g. ``num_A``)."""
     base = DECODERS[arch]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonCausalRoutingWarning)
         model = get_lily_model(
-            base, LilyConfig(r=4, num_B=3, target_modules=["q_proj", "v_proj"], routing=routing, init_weights=False)
+            base,
+            LilyConfig(
+                r=4, num_B=3, target_modules=["q_proj", "v_proj"], routing=routing, init_weights=False, **config
+            ),
         )
     torch.manual_seed(seed + 1)
     with torch.no_grad():
