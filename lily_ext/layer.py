@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -10,7 +11,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from .causal import CausalStateError, RoutingContext
-from .ops import routed_mix
+from .ops import lily_linear, routed_mix
+
+_LILY_LINEAR = torch.ops.lily.lily_linear.default
+
+# Whether LilyLinear.forward runs the fused op lily::lily_linear where it can (see _fused_call).
+_FUSED = [True]
+
+
+def set_fused_layers(enabled: bool) -> bool:
+    """Turns the fused ``lily::lily_linear`` path of every LilyLinear on or off (process-wide);
+    returns the previous setting. Off: the base layer, ``x A^T`` and ``routed_mix`` as separate ops."""
+    previous = _FUSED[0]
+    _FUSED[0] = bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def fused_layers(enabled: bool = True):
+    """``with fused_layers(False): ...`` runs the block with the fused path off (or on)."""
+    previous = set_fused_layers(enabled)
+    try:
+        yield
+    finally:
+        set_fused_layers(previous)
+
+
+def _fused_device(device: torch.device) -> bool:
+    return device.type == "cpu" or (device.type == "cuda" and hasattr(torch.ops.lily, "reload_cuda_knobs"))
 
 
 class LilyLinear(nn.Module):
@@ -44,6 +72,18 @@ class LilyLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self._context = context
         self.lily_path = ""  # the layer's path in the wrapped model (set by LilyModel): its causal state key
+        # The fused call's arguments for the active adapter, built on first use (_fused_args) and
+        # dropped by every method that changes the adapters or moves the parameters.
+        self._fused = None
+
+    def __setattr__(self, name, value):
+        if name in ("active_adapter", "disable_adapters"):
+            self.__dict__["_fused"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fused = None
+        return super()._apply(fn, *args, **kwargs)
 
     def adapter_dtype(self) -> torch.dtype:
         # Like PEFT: adapters of a half-precision base model are kept in float32.
@@ -63,6 +103,7 @@ class LilyLinear(nn.Module):
         dtype=None,
     ) -> None:
         """Adds adapter ``name``; ``lily_A`` / ``lily_B`` are the shared modules (created when None)."""
+        self._fused = None
         factory = {"device": self.base_layer.weight.device, "dtype": dtype or self.adapter_dtype()}
         self.r[name], self.num_B[name], self.scaling[name], self.routing[name] = r, num_B, scaling, routing
         self.lily_A[name] = lily_A if lily_A is not None else nn.Linear(self.in_features, r, bias=False, **factory)
@@ -91,6 +132,7 @@ class LilyLinear(nn.Module):
             nn.init.uniform_(self.lily_theta[name], -1.0, 1.0)
 
     def delete_adapter(self, name: str) -> None:
+        self._fused = None
         for table in (self.lily_A, self.lily_B, self.lily_router, self.lily_theta, self.lily_Bc):
             if name in table:
                 del table[name]
@@ -138,12 +180,14 @@ class LilyLinear(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is already merged into {self.base_layer!r}; unmerge it first")
+        self._fused = None
         weight = self.base_layer.weight
         weight.copy_((weight.double() + self.delta_weight(name)).to(weight.dtype))
         self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        self._fused = None
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -152,6 +196,7 @@ class LilyLinear(nn.Module):
     @torch.no_grad()
     def set_static_weights(self, name: str, weights: torch.Tensor) -> None:
         """Replaces the router of adapter ``name`` by fixed mixing weights (static routing)."""
+        self._fused = None
         router = self.lily_router[name].weight
         theta = torch.log(weights.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny))
         self.lily_theta[name] = nn.Parameter(theta.to(router.dtype), requires_grad=router.requires_grad)
@@ -162,6 +207,7 @@ class LilyLinear(nn.Module):
     def set_static_bank(self, name: str, combined: torch.Tensor) -> None:
         """Replaces the router of adapter ``name`` by this layer's own static combined bank
         ``Bc [r, out]`` (static routing; any ``[r, out]`` matrix, not only a mix of the shared bank)."""
+        self._fused = None
         router = self.lily_router[name].weight
         shape = (self.r[name], self.out_features)
         if tuple(combined.shape) != shape:
@@ -189,7 +235,56 @@ class LilyLinear(nn.Module):
             f"is {list(hidden.shape[:-1])} tokens; pass a [batch, seq] mask that matches the input"
         )
 
+    def _fused_args(self):
+        """``(name, weight, bias, A, router, flat bank, scaling, mode)`` for the fused op, or ``False``
+        where the layer takes the composed path (adapter off or merged, a layer frozen to its own
+        ``lily_Bc``, a base layer that is not a plain hook-free ``nn.Linear``, a device without kernels)."""
+        name, base = self.active_adapter, self.base_layer
+        if (
+            self.disable_adapters
+            or name is None
+            or name not in self.lily_A
+            or name in self.merged_adapters
+            or name in self.lily_Bc
+            or type(base) is not nn.Linear
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or not _fused_device(base.weight.device)
+        ):
+            return False
+        return (
+            name,
+            base.weight,
+            base.bias,
+            self.lily_A[name].weight,
+            self.router(name),
+            self.lily_B[name].weight,  # flat [num_B * r, out]; the op reads it as [num_B, r, out]
+            self.scaling[name],
+            self.routing[name],
+        )
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = self._fused
+        if fused is None:
+            fused = self._fused = self._fused_args()
+        if fused and _FUSED[0] and not args and not kwargs:
+            _, weight, bias, A, router, bank, scaling, mode = fused
+            if mode == "sequence":
+                return lily_linear(
+                    x, weight, bias, A, router, bank, scaling=scaling, mode=mode, mask=self.sequence_mask(x)
+                )
+            if mode == "causal":
+                call = self._context.current()
+                if call is None or call.causal_state() is None:  # no KV cache in play
+                    mask = self.sequence_mask(x, "causal")
+                    return lily_linear(x, weight, bias, A, router, bank, scaling=scaling, mode=mode, mask=mask)
+                # decoding with a KV cache: the running state, below
+            else:
+                return _LILY_LINEAR(x, weight, bias, A, router, bank, scaling, mode, None)
+        return self._composed_forward(x, *args, **kwargs)
+
+    def _composed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer, ``x A^T`` and ``routed_mix`` as separate ops (also: causal decoding with a KV cache)."""
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
         if self.disable_adapters or name is None or name not in self.lily_A or name in self.merged_adapters:
@@ -279,6 +374,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save[name].requires_grad_(True)
 
     def delete_adapter(self, name: str) -> None:
+        self._fused = None
         if name in self.modules_to_save:
             del self.modules_to_save[name]
         if self.active_adapter == name:

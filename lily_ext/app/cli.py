@@ -552,9 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="all",
-        choices=["all", "ops", "train", "ort", "ort_op", "causal_leak", "freeze", "decode_ort"],
+        choices=["all", "ops", "train", "ort", "ort_op", "causal_leak", "freeze", "decode_ort", "fused_layer"],
         help="all: every one but freeze (which needs the adapter of a `lily-ext demo` run in ./lily-demo) and "
-        "decode_ort (minutes: exports a decoder in every form)",
+        "decode_ort (minutes: exports a decoder in every form) and fused_layer (minutes)",
     )
     bench.add_argument("--quick", action="store_true", help="shorter timing budget")
     bench.set_defaults(func=cmd_bench)
