@@ -294,3 +294,25 @@ def test_switches_and_state_changes():
     torch.testing.assert_close(again, base, rtol=0, atol=0)
     torch.testing.assert_close(merged, base, atol=1e-5, rtol=1e-5)
     assert lily_ext.set_fused_layers(True) is True
+
+
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+def test_torch_compile_fullgraph_of_a_fresh_wrapped_model(routing):
+    """The layers' cached arguments are built inside the compiled region (first call): no graph break."""
+    from helpers.lily_models import lily_net
+
+    model = lily_net(routing).train()
+    x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, attention_mask=mask)
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with fused_layers(False):
+        ref = model(x, attention_mask=mask)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
