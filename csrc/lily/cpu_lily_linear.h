@@ -31,6 +31,26 @@ void add_rows(const Backend& be, int64_t rows, int64_t out, const T* delta, T* y
   });
 }
 
+// Runs a Backend's work on the calling thread: for products too small to pay for a
+// parallel region (the same pieces in the same order, so the same bits).
+template <typename Backend>
+struct SerialBackend {
+  const Backend& be;
+  template <class F>
+  void parallel_for(int64_t n, const F& f) const {
+    if (n > 0) f(0, n);
+  }
+  template <typename T>
+  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+            int64_t ldb, T beta, T* C, int64_t ldc) const {
+    be.gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+};
+
+// Up to this many multiply-adds, h = x A^T runs on the calling thread (decode, N = 1, r = 128,
+// in = 512: 64 Ki), saving a parallel region per layer.
+constexpr int64_t kSerialProjection = int64_t(1) << 17;
+
 // s: the routed_mix shape of hidden = x A^T (rows N, rank r, ...); `in` = x's features.
 // Writes hidden [N, r] and adds the adapter output into y [N, out] (accumulate), or
 // writes it there (!accumulate: y = the adapter output alone).
@@ -39,7 +59,10 @@ void lily_adapter_forward(const Backend& be, const MixShape& s, int64_t in, T sc
                           const T* router, const T* bank, const uint8_t* mask, T* hidden, T* y, bool accumulate) {
   const int64_t N = s.rows, r = s.rank, out = s.out;
   if (N == 0) return;
-  matmul(be, false, true, N, r, in, T(1), x, in, A, in, T(0), hidden, r);  // h = x A^T
+  if (N * r * in <= kSerialProjection)  // h = x A^T
+    matmul(SerialBackend<Backend>{be}, false, true, N, r, in, T(1), x, in, A, in, T(0), hidden, r);
+  else
+    matmul(be, false, true, N, r, in, T(1), x, in, A, in, T(0), hidden, r);
   if (!accumulate) {
     routed_mix_forward(be, s, scaling, hidden, router, bank, mask, y);
     return;
