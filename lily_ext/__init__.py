@@ -16,6 +16,7 @@ from .calibration import freeze_router, tune_static  # noqa: E402
 from .checkpoint import AdapterLoadError  # noqa: E402
 from .config import LilyConfig  # noqa: E402
 from .export import export_causal_lm, export_onnx, register_torchscript_symbolic  # noqa: E402
+from .layer import fused_layers, set_fused_layers  # noqa: E402
 from .model import LilyModel, NonCausalRoutingWarning, get_lily_model, load_adapter  # noqa: E402
 from .ort import ort_library_path, ort_session  # noqa: E402  (ONNX Runtime custom-op library)
 from .peft_interop import from_peft, load_peft_adapter, patch_peft, unpatch_peft  # noqa: E402
@@ -44,6 +45,7 @@ __all__ = [
     "export_onnx",
     "freeze_router",
     "from_peft",
+    "fused_layers",
     "get_lily_model",
     "load_adapter",
     "load_peft_adapter",
@@ -51,6 +53,7 @@ __all__ = [
     "ort_library_path",
     "ort_session",
     "patch_peft",
+    "set_fused_layers",
     "tune_static",
     "unpatch_peft",
     "__version__",

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._build.atomic import atomic_file
+from .layer import fused_layers
 from .model import LilyModel
 from .ops import routed_mix, routed_mix_decomposed
 
@@ -201,7 +202,7 @@ def export_onnx(
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad(), _quiet_exporter():
+        with torch.no_grad(), _quiet_exporter(), fused_layers(False):
             if dynamo:
                 if form == "decomposed":
                     target = _decompose(
@@ -596,7 +597,7 @@ def export_causal_lm(model: nn.Module, out_dir, *, form: str = "custom", calibra
     )
     args = (ids, mask, positions if takes_position_ids else None, list(kv), list(states))
 
-    with torch.no_grad(), _quiet_exporter(), warnings.catch_warnings():
+    with torch.no_grad(), _quiet_exporter(), fused_layers(False), warnings.catch_warnings():
         # (the exporter's own renaming of axes; _rename_dims names them below)
         warnings.filterwarnings("ignore", message=".*different number of inputs than the flatten dynamic_shapes")
         target = wrapper

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -10,7 +11,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from .causal import CausalStateError, RoutingContext
-from .ops import routed_mix
+from .ops import lily_linear, routed_mix
+
+_LILY_LINEAR = torch.ops.lily.lily_linear.default
+
+# Whether LilyLinear.forward runs the fused op lily::lily_linear where it can (see _fused_call).
+# "inference" (default): fused where no gradient is recorded (decode, evaluation); measured on the
+# 2-core CPU (BENCHMARKS, "lily_linear"), the fused backward made a training step slower than the
+# composed ops, so training keeps them unless set_fused_layers(True) asks otherwise
+_FUSED: list = ["inference"]
+FUSED_SETTINGS = (True, False, "inference")
+
+
+def set_fused_layers(enabled) -> bool | str:
+    """Where every LilyLinear takes the fused ``lily::lily_linear`` path (process-wide): ``"inference"``
+    (the default: when autograd records nothing), ``True`` (always, training too) or ``False`` (never:
+    the base layer, ``x A^T`` and ``routed_mix`` as separate ops). Returns the previous setting."""
+    if not any(enabled is s or (isinstance(s, str) and enabled == s) for s in FUSED_SETTINGS):
+        raise ValueError(f"set_fused_layers: expected True, False or 'inference', got {enabled!r}")
+    previous = _FUSED[0]
+    _FUSED[0] = enabled
+    return previous
+
+
+@contextlib.contextmanager
+def fused_layers(enabled=True):
+    """``with fused_layers(False): ...`` runs the block with the fused path off (``True``: on, training
+    too; ``"inference"``: the default)."""
+    previous = set_fused_layers(enabled)
+    try:
+        yield
+    finally:
+        set_fused_layers(previous)
+
+
+def _fused_device(device: torch.device) -> bool:
+    return device.type == "cpu" or (device.type == "cuda" and hasattr(torch.ops.lily, "reload_cuda_knobs"))
+
 
 # Lily v2's A side in the per-row modes (token, causal) contracts over num_A * in into only r columns:
 # the op's (W kron x) Bk_flat product was measured 2-4x slower there on the CPU than one GEMM
@@ -84,6 +121,18 @@ class LilyLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self._context = context
         self.lily_path = ""  # the layer's path in the wrapped model (set by LilyModel): its causal state key
+        # The fused call's arguments for the active adapter, built on first use (_fused_args) and
+        # dropped by every method that changes the adapters or moves the parameters.
+        self._fused = None
+
+    def __setattr__(self, name, value):
+        if name in ("active_adapter", "disable_adapters"):
+            self.__dict__["_fused"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fused = None
+        return super()._apply(fn, *args, **kwargs)
 
     def adapter_dtype(self) -> torch.dtype:
         # Like PEFT: adapters of a half-precision base model are kept in float32.
@@ -109,6 +158,7 @@ class LilyLinear(nn.Module):
 
         With ``num_A`` (Lily v2) the layer gets the shared A bank ``lily_A_bank`` (created when None)
         and its own A router (mode ``routing_A``, default ``routing``) instead of ``lily_A``."""
+        self._fused = None
         factory = {"device": self.base_layer.weight.device, "dtype": dtype or self.adapter_dtype()}
         self.r[name], self.num_B[name], self.scaling[name], self.routing[name] = r, num_B, scaling, routing
         if num_A is None:
@@ -158,6 +208,7 @@ class LilyLinear(nn.Module):
             nn.init.uniform_(self.lily_theta[name], -1.0, 1.0)
 
     def delete_adapter(self, name: str) -> None:
+        self._fused = None
         for table in (
             self.lily_A,
             self.lily_B,
@@ -259,12 +310,14 @@ class LilyLinear(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is already merged into {self.base_layer!r}; unmerge it first")
+        self._fused = None
         weight = self.base_layer.weight
         weight.copy_((weight.double() + self.delta_weight(name)).to(weight.dtype))
         self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        self._fused = None
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -273,6 +326,7 @@ class LilyLinear(nn.Module):
     @torch.no_grad()
     def set_static_weights(self, name: str, weights: torch.Tensor) -> None:
         """Replaces the router of adapter ``name`` by fixed mixing weights (static routing)."""
+        self._fused = None
         router = self.lily_router[name].weight
         theta = torch.log(weights.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny))
         self.lily_theta[name] = nn.Parameter(theta.to(router.dtype), requires_grad=router.requires_grad)
@@ -292,6 +346,7 @@ class LilyLinear(nn.Module):
     def set_static_bank(self, name: str, combined: torch.Tensor) -> None:
         """Replaces the router of adapter ``name`` by this layer's own static combined bank
         ``Bc [r, out]`` (static routing; any ``[r, out]`` matrix, not only a mix of the shared bank)."""
+        self._fused = None
         router = self.lily_router[name].weight
         shape = (self.r[name], self.out_features)
         if tuple(combined.shape) != shape:
@@ -319,7 +374,57 @@ class LilyLinear(nn.Module):
             f"is {list(hidden.shape[:-1])} tokens; pass a [batch, seq] mask that matches the input"
         )
 
+    def _fused_args(self):
+        """``(name, weight, bias, A, router, flat bank, scaling, mode)`` for the fused op, or ``False``
+        where the layer takes the composed path (adapter off or merged, a layer frozen to its own
+        ``lily_Bc``, a base layer that is not a plain hook-free ``nn.Linear``, a device without kernels)."""
+        name, base = self.active_adapter, self.base_layer
+        if (
+            self.disable_adapters
+            or name is None
+            or name not in self.lily_A
+            or name in self.merged_adapters
+            or name in self.lily_Bc
+            or type(base) is not nn.Linear
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or not _fused_device(base.weight.device)
+        ):
+            return False
+        return (
+            name,
+            base.weight,
+            base.bias,
+            self.lily_A[name].weight,
+            self.router(name),
+            self.lily_B[name].weight,  # flat [num_B * r, out]; the op reads it as [num_B, r, out]
+            self.scaling[name],
+            self.routing[name],
+        )
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = self._fused
+        if fused is None:
+            fused = self._fused = self._fused_args()
+        setting = _FUSED[0]
+        if fused and setting and (setting is True or not torch.is_grad_enabled()) and not args and not kwargs:
+            _, weight, bias, A, router, bank, scaling, mode = fused
+            if mode == "sequence":
+                return lily_linear(
+                    x, weight, bias, A, router, bank, scaling=scaling, mode=mode, mask=self.sequence_mask(x)
+                )
+            if mode == "causal":
+                call = self._context.current()
+                if call is None or call.causal_state() is None:  # no KV cache in play
+                    mask = self.sequence_mask(x, "causal")
+                    return lily_linear(x, weight, bias, A, router, bank, scaling=scaling, mode=mode, mask=mask)
+                # decoding with a KV cache: the running state, below
+            else:
+                return _LILY_LINEAR(x, weight, bias, A, router, bank, scaling, mode, None)
+        return self._composed_forward(x, *args, **kwargs)
+
+    def _composed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer, ``x A^T`` and ``routed_mix`` as separate ops (also: causal decoding with a KV cache)."""
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
         if self.disable_adapters or name is None or name not in self.r or name in self.merged_adapters:
@@ -415,6 +520,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save[name].requires_grad_(True)
 
     def delete_adapter(self, name: str) -> None:
+        self._fused = None
         if name in self.modules_to_save:
             del self.modules_to_save[name]
         if self.active_adapter == name:

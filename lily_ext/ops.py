@@ -24,7 +24,7 @@ import torch
 MODES = ("batch", "sequence", "token", "static", "causal")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-__all__ = ["routed_mix", "reload_cuda_knobs", "MODES"]
+__all__ = ["routed_mix", "lily_linear", "reload_cuda_knobs", "MODES"]
 
 
 def _check_scaling(scaling) -> float:
@@ -104,6 +104,29 @@ def routed_mix(
     return torch.ops.lily.routed_mix.default(hidden, router, bank, _check_scaling(scaling), mode, mask)
 
 
+def lily_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    router: torch.Tensor,
+    bank: torch.Tensor,
+    *,
+    scaling: float = 1.0,
+    mode: str = "batch",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The whole Lily layer in one op: ``x W^T + b + scaling * routed_mix(x A^T, router, bank)``.
+
+    Differentiable in every tensor argument. ``x``, ``weight`` ``[out, in]`` and ``bias`` ``[out]`` share
+    the base layer's dtype; ``A`` ``[r, in]``, ``router`` and ``bank`` (``[E, r, out]``, or lily_B's flat
+    ``[E * r, out]``) share the adapter's. ``mode`` and ``mask`` (``x.shape[:-1]``) as in
+    :func:`routed_mix`. The result has ``x``'s dtype; the adapter is computed in float32 for half
+    precision and added once. Contract: docs/DESIGN.md, "lily_linear".
+    """
+    return torch.ops.lily.lily_linear.default(x, weight, bias, A, router, bank, _check_scaling(scaling), mode, mask)
+
+
 def reload_cuda_knobs() -> None:
     """Reads ``LILY_CUDA_KRON`` and ``LILY_CUDA_SCRATCH_BYTES`` again: the CUDA kernels read them once
     per process, at the first CUDA call. A no-op where the CUDA kernels are not built."""
@@ -123,7 +146,97 @@ def _routed_mix_backward_fake(grad, hidden, router, bank, scaling, mode, mask=No
     return hidden.new_empty(hidden.shape), router.new_empty(router.shape), bank.new_empty(bank.shape)
 
 
-# Autograd is registered in C++ (csrc/torch/routed_mix_autograd.cpp): no Python on the call path.
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_linear_args(x, weight, bias, A, router, bank, scaling, mode, mask):
+    """Mirror of the C++ checks of lily_linear (csrc/torch/lily_linear.cpp); returns bank as [E, r, out]."""
+    for name, t in (("x", x), ("weight", weight), ("A", A), ("router", router), ("bank", bank)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+    _check_scaling(scaling)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x: expected dtype float32, float64, bfloat16 or float16, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("x: expected a tensor [..., in] with at least 1 dim, got a 0-dim tensor")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            if t.dtype != x.dtype:
+                raise ValueError(f"{name}: dtype {t.dtype} differs from x's dtype {x.dtype}")
+            if t.device != x.device:
+                raise ValueError(f"{name}: on device {t.device} but x is on {x.device}")
+    if A.dtype not in DTYPES:
+        raise ValueError(f"A: expected dtype float32, float64, bfloat16 or float16, got {A.dtype}")
+    if A.device != x.device:
+        raise ValueError(f"A: on device {A.device} but x is on {x.device}")
+    for name, t in (("router", router), ("bank", bank)):
+        if t.dtype != A.dtype:
+            raise ValueError(f"{name}: dtype {t.dtype} differs from A's dtype {A.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: on device {t.device} but x is on {x.device}")
+    n_in = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != n_in:
+        raise ValueError(
+            f"weight: expected shape [out, in] with in = {n_in} (x's last dim), got shape {list(weight.shape)}"
+        )
+    out = weight.shape[0]
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out):
+        raise ValueError(f"bias: expected shape [{out}], got shape {list(bias.shape)}")
+    if A.dim() != 2 or A.shape[1] != n_in or A.shape[0] < 1:
+        raise ValueError(f"A: expected shape [r, in] with in = {n_in} and r >= 1, got shape {list(A.shape)}")
+    r = A.shape[0]
+    if bank.dim() == 2:
+        if router.dim() == 0:
+            raise ValueError("router: expected [E, r] or theta [E], got a 0-dim tensor")
+        E = router.shape[0]
+        if bank.shape[0] != E * r or bank.shape[1] != out:
+            raise ValueError(
+                f"bank: expected shape [E, r, out] = [{E}, {r}, {out}] or its flat view [E * r, out] = "
+                f"[{E * r}, {out}], got shape {list(bank.shape)}"
+            )
+        bank = bank.view(E, r, out)
+    elif bank.dim() != 3 or bank.shape[1] != r or bank.shape[2] != out:
+        raise ValueError(
+            f"bank: expected shape [E, r, out] with r = {r} (A's rows) and out = {out} (weight's rows), "
+            f"got shape {list(bank.shape)}"
+        )
+    if mask is not None and mask.device != x.device:
+        raise ValueError(f"mask: on device {mask.device} but x is on {x.device}")
+    hidden = x.new_empty((*x.shape[:-1], r), dtype=A.dtype)
+    _check_args(hidden, router, bank, scaling, mode, mask)
+    return bank
+
+
+@torch.library.register_fake("lily::lily_linear")
+def _lily_linear_fake(x, weight, bias, A, router, bank, scaling, mode, mask=None):
+    _check_linear_args(x, weight, bias, A, router, bank, scaling, mode, mask)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("lily::lily_linear_forward")
+def _lily_linear_forward_fake(x, weight, bias, A, router, bank, scaling, mode, mask=None):
+    _check_linear_args(x, weight, bias, A, router, bank, scaling, mode, mask)
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((*x.shape[:-1], A.shape[0]), dtype=A.dtype)
+
+
+@torch.library.register_fake("lily::lily_linear_backward")
+def _lily_linear_backward_fake(grad, x, hidden, weight, A, router, bank, scaling, mode, mask, needs):
+    _check_linear_args(x, weight, None, A, router, bank, scaling, mode, mask)
+    return (  # gradients not asked for: distinct empty tensors (outputs never alias)
+        x.new_empty(x.shape if needs[0] else (0,)),
+        weight.new_empty(weight.shape if needs[1] else (0,)),
+        weight.new_empty(weight.shape[:1] if needs[2] else (0,)),
+        A.new_empty(A.shape) if needs[3] else x.new_empty((0,)),
+        router.new_empty(router.shape),
+        bank.new_empty(bank.shape),
+    )
+
+
+# Autograd of both ops is registered in C++ (csrc/torch/routed_mix_autograd.cpp,
+# csrc/torch/lily_linear.cpp): no Python on the call path.
 
 _autocast_lib = torch.library.Library("lily", "IMPL")
 
@@ -141,6 +254,14 @@ def _register_autocast(device_type: str) -> None:
             )
 
     _autocast_lib.impl("routed_mix", kernel, key)
+
+    def linear_kernel(x, weight, bias, A, router, bank, scaling, mode, mask=None):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [t if t is None else t.to(dtype) for t in (x, weight, bias, A, router, bank)]
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return torch.ops.lily.lily_linear.default(*cast, scaling, mode, mask)
+
+    _autocast_lib.impl("lily_linear", linear_kernel, key)
 
 
 for _device in ("cpu", "cuda"):

@@ -173,8 +173,8 @@ int64_t groups_per_batch(const MixShape& s) {
 
 // delta[g rows] = scaling * hidden[g rows] @ (sum_e W[g, e] bank[e]) for each group.
 template <typename T, typename Backend>
-void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* bank, const T* W,
-                 T* delta) {
+void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* bank, const T* W, T* delta,
+                 T beta = T(0)) {
   const int64_t E = s.experts, r = s.rank, out = s.out, L = s.group_rows;
   if (L <= kSmallRows) {
     // Wide column blocks keep the bank reads long and contiguous; gemm_small
@@ -206,7 +206,7 @@ void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidde
       }
     });
     if (count == 1)
-      be.gemm(false, false, L, out, r, scaling, hidden + g0 * L * r, r, comb.get(), out, T(0), delta + g0 * L * out,
+      be.gemm(false, false, L, out, r, scaling, hidden + g0 * L * r, r, comb.get(), out, beta, delta + g0 * L * out,
               out);
     else
       be.gemm_batched(false, false, count, L, out, r, scaling, hidden + g0 * L * r, r, L * r, comb.get(), out, plane,
@@ -217,8 +217,8 @@ void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidde
 // delta[n] = scaling * (W[n] kron hidden[n]) @ bank_flat, rows in pieces so the
 // [rows, E * r] operand stays bounded.
 template <typename T, typename Backend>
-void mix_per_row(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* bank, const T* W,
-                 T* delta) {
+void mix_per_row(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* bank, const T* W, T* delta,
+                 T beta = T(0)) {
   const int64_t N = s.rows, E = s.experts, r = s.rank, out = s.out, K = E * r;
   auto Z = scratch<T>(std::min(N, kKronRows) * K);
   for (int64_t n0 = 0; n0 < N; n0 += kKronRows) {
@@ -229,19 +229,28 @@ void mix_per_row(const Backend& be, const MixShape& s, T scaling, const T* hidde
         kron_rows(W + (n0 + m0) * E, hidden + (n0 + m0) * r, m1 - m0, E, r, Z.get() + m0 * K);
       }
     });
-    matmul(be, false, false, rows, out, K, scaling, Z.get(), K, bank, out, T(0), delta + n0 * out, out);
+    matmul(be, false, false, rows, out, K, scaling, Z.get(), K, bank, out, beta, delta + n0 * out, out);
   }
 }
 
+// delta = routed_mix(...), or with beta = 1 delta += routed_mix(...): only where the
+// mix ends in one BLAS call (mix_accumulates_in_place); callers add a scratch result otherwise.
 template <typename T, typename Backend>
 void routed_mix_forward(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* router,
-                        const T* bank, const uint8_t* mask, T* delta) {
+                        const T* bank, const uint8_t* mask, T* delta, T beta = T(0)) {
   if (s.rows == 0) return;
   const Routing<T> rt = compute_routing<T>(be, s, hidden, router, mask);
   if (mixes_per_row(s))
-    mix_per_row(be, s, scaling, hidden, bank, rt.weights.data(), delta);
+    mix_per_row(be, s, scaling, hidden, bank, rt.weights.data(), delta, beta);
   else
-    mix_grouped(be, s, scaling, hidden, bank, rt.weights.data(), delta);
+    mix_grouped(be, s, scaling, hidden, bank, rt.weights.data(), delta, beta);
+}
+
+// Whether routed_mix_forward can add into `delta` (beta = 1) with the BLAS: the per-row
+// product beyond the small-N kernels, or one group of many rows. Elsewhere the small-N
+// kernels (which overwrite their output) or batched GEMMs do the mix.
+inline bool mix_accumulates_in_place(const MixShape& s) {
+  return mixes_per_row(s) ? s.rows > kSmallRows : (s.groups == 1 && s.group_rows > kSmallRows);
 }
 
 // Backward of mix_grouped: writes dhidden (mixing part), dbank and dW [groups, E].

@@ -8,37 +8,12 @@
 
 #include <string>
 
-#include "../lily/cpu_gemm.h"
 #include "../lily/cpu_routed_mix.h"
+#include "cpu_backend.h"
 #include "routed_mix_checks.h"
 
 namespace lily_torch {
 namespace {
-
-// The large GEMMs go to the same blocked GEMM as the ONNX Runtime binding
-// (csrc/lily/cpu_gemm.h), not to ATen's BLAS: MKL splits the reduction over
-// rows (h^T G) between threads for small outputs, so its results change with
-// torch.set_num_threads; cpu_gemm sums every element in one fixed order.
-struct TorchCpuBackend {
-  template <class F>
-  void parallel_for(int64_t n, const F& f) const {
-    at::parallel_for(0, n, 1, f);
-  }
-
-  template <typename T>
-  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
-            int64_t ldb, T beta, T* C, int64_t ldc) const {
-    lily::cpu::blocked_gemm(*this, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  }
-
-  template <typename T>
-  void gemm_batched(bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                    int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b, T* C, int64_t ldc,
-                    int64_t stride_c) const {
-    lily::cpu::blocked_gemm_batched(*this, trans_a, trans_b, batch, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b,
-                                    C, ldc, stride_c);
-  }
-};
 
 at::Tensor routed_mix_cpu(const at::Tensor& hidden, const at::Tensor& router, const at::Tensor& bank, double scaling,
                           c10::string_view mode, const std::optional<at::Tensor>& mask) {

@@ -587,10 +587,22 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="all",
-        choices=["all", "ops", "train", "ort", "ort_op", "causal_leak", "freeze", "decode_ort", "a_side", "v2_quality"],
+        choices=[
+            "all",
+            "ops",
+            "train",
+            "ort",
+            "ort_op",
+            "causal_leak",
+            "freeze",
+            "decode_ort",
+            "a_side",
+            "v2_quality",
+            "fused_layer",
+        ],  # fmt: skip
         help="all: every one but freeze (which needs the adapter of a `lily-ext demo` run in ./lily-demo), "
-        "decode_ort (minutes: exports a decoder in every form), a_side (Lily v2's A side through the op) and "
-        "v2_quality (Lily v1 vs v2 on the demo task, many minutes)",
+        "decode_ort (minutes: exports a decoder in every form), a_side (Lily v2's A side through the op), "
+        "v2_quality (Lily v1 vs v2 on the demo task, many minutes) and fused_layer (minutes)",
     )
     bench.add_argument("--quick", action="store_true", help="shorter timing budget")
     bench.set_defaults(func=cmd_bench)

@@ -1,0 +1,97 @@
+// The adapter half of lily_linear on the CPU, framework-free: everything of
+//
+//   y = x W^T + b + scaling * routed_mix(x A^T, router, bank)
+//
+// that is not the base layer's own GEMM. The caller computes y = x W^T + b
+// (with the host's BLAS, in the base layer's dtype) and hands it over; the
+// adapter is added into it in place: h = x A^T, the routing, the mix, and the
+// sum, with no [N, out] temporary where the mix ends in one BLAS call and a
+// small one (<= kSmallRows rows) elsewhere. The backward computes the
+// routed_mix gradients, then dx += dh A and dA = dh^T x. Backend: as in
+// cpu_routed_mix.h. Every product has a fixed reduction order: results do not
+// depend on the number of threads.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "contract.h"
+#include "cpu_routed_mix.h"
+
+namespace lily {
+namespace cpu {
+
+// y[N, out] += delta[N, out] (contiguous), rows in pieces.
+template <typename T, typename Backend>
+void add_rows(const Backend& be, int64_t rows, int64_t out, const T* delta, T* y) {
+  const int64_t piece = std::max<int64_t>(1, 16384 / std::max<int64_t>(out, 1));
+  be.parallel_for(ceil_div(rows, piece), [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * piece, n1 = std::min(rows, b1 * piece);
+    for (int64_t j = n0 * out; j < n1 * out; ++j) y[j] += delta[j];
+  });
+}
+
+// Runs a Backend's work on the calling thread: for products too small to pay for a
+// parallel region (the same pieces in the same order, so the same bits).
+template <typename Backend>
+struct SerialBackend {
+  const Backend& be;
+  template <class F>
+  void parallel_for(int64_t n, const F& f) const {
+    if (n > 0) f(0, n);
+  }
+  template <typename T>
+  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+            int64_t ldb, T beta, T* C, int64_t ldc) const {
+    be.gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+};
+
+// Up to this many multiply-adds, h = x A^T runs on the calling thread (decode, N = 1, r = 128,
+// in = 512: 64 Ki), saving a parallel region per layer.
+constexpr int64_t kSerialProjection = int64_t(1) << 17;
+
+// s: the routed_mix shape of hidden = x A^T (rows N, rank r, ...); `in` = x's features.
+// Writes hidden [N, r] and adds the adapter output into y [N, out] (accumulate), or
+// writes it there (!accumulate: y = the adapter output alone).
+template <typename T, typename Backend>
+void lily_adapter_forward(const Backend& be, const MixShape& s, int64_t in, T scaling, const T* x, const T* A,
+                          const T* router, const T* bank, const uint8_t* mask, T* hidden, T* y, bool accumulate) {
+  const int64_t N = s.rows, r = s.rank, out = s.out;
+  if (N == 0) return;
+  if (N * r * in <= kSerialProjection)  // h = x A^T
+    matmul(SerialBackend<Backend>{be}, false, true, N, r, in, T(1), x, in, A, in, T(0), hidden, r);
+  else
+    matmul(be, false, true, N, r, in, T(1), x, in, A, in, T(0), hidden, r);
+  if (!accumulate) {
+    routed_mix_forward(be, s, scaling, hidden, router, bank, mask, y);
+    return;
+  }
+  if (mix_accumulates_in_place(s)) {
+    routed_mix_forward(be, s, scaling, hidden, router, bank, mask, y, T(1));
+    return;
+  }
+  auto delta = scratch<T>(N * out);
+  routed_mix_forward(be, s, scaling, hidden, router, bank, mask, delta.get());
+  add_rows(be, N, out, delta.get(), y);
+}
+
+// grad [N, out]; x [N, in]; hidden = x A^T [N, r] as the forward computed it.
+// dx (nullable): dx += dh A. dA (nullable): dA = dh^T x. drouter, dbank: as routed_mix_backward.
+template <typename T, typename Backend>
+void lily_adapter_backward(const Backend& be, const MixShape& s, int64_t in, T scaling, const T* grad, const T* x,
+                           const T* hidden, const T* A, const T* router, const T* bank, const uint8_t* mask, T* dx,
+                           T* dA, T* drouter, T* dbank) {
+  const int64_t N = s.rows, r = s.rank;
+  auto dh = scratch<T>(N * r);
+  routed_mix_backward(be, s, scaling, grad, hidden, router, bank, mask, dh.get(), drouter, dbank);
+  if (N == 0) {
+    if (dA != nullptr) std::fill(dA, dA + r * in, T(0));
+    return;
+  }
+  if (dx != nullptr) matmul(be, false, false, N, in, r, T(1), dh.get(), r, A, in, T(1), dx, in);
+  if (dA != nullptr) matmul(be, true, false, r, in, N, T(1), dh.get(), r, x, in, T(0), dA, in);
+}
+
+}  // namespace cpu
+}  // namespace lily

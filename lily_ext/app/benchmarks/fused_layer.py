@@ -1,0 +1,267 @@
+"""The whole Lily layer in one op (issue 17): decode and train-step cost on a realistic adapter.
+
+    lily-ext bench fused_layer [--quick]
+    python -m lily_ext.app.benchmarks.fused_layer [--quick] [--threads 2] [--configs big,qv]
+
+A Llama-shaped model (8 layers, hidden 512, MLP 1408, 8 heads, vocab 2048, random weights), side
+by side in one process, variants interleaved in rounds:
+
+- base (no adapter), PEFT Lily, lily_ext with the fused ``lily::lily_linear`` off (``before``: base
+  layer, ``x A^T`` and ``routed_mix`` as separate ops) and on (``after``);
+- decode: ms per token with a KV cache after a 32-token prompt, batch 1 and 8 (lily_ext ``token``
+  routing, exact with a cache; PEFT's Lily has only its ``batch`` routing);
+- train step: batch 4 x 128, forward with labels + backward + AdamW step (both ``batch`` routing);
+- adapter cost = variant - base, and lily_ext's cost / PEFT's;
+- the adapter's GEMM floor of the train step: every GEMM the adapter's math needs (forward
+  ``x A^T``, ``h Bc``; backward ``G Bc^T``, ``h^T G``, ``dh^T x``, ``dh A``) for every adapted layer,
+  timed through ``torch.matmul`` (the same BLAS) in the same run;
+- configs: ``big`` = Lily r=128 stride_A=2 num_B=4 on all seven linear targets, ``qv`` = r=32 on
+  q/v (the existing train table's adapter);
+- a profile of where lily_ext's time goes (decode batch 1, and one train step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIGS = {
+    "big": dict(r=128, stride_A=2, num_B=4, target_modules=ALL),
+    "qv": dict(r=32, stride_A=2, num_B=4, target_modules=["q_proj", "v_proj"]),
+}
+VARIANTS = ("base", "PEFT Lily", "lily_ext before", "lily_ext after")
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config)
+
+
+def build(base, cfg, routing):
+    import peft
+
+    import lily_ext
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = lily_ext.get_lily_model(copy.deepcopy(base), lily_ext.LilyConfig(routing=routing, **cfg))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LilyConfig(**cfg))
+    plain = copy.deepcopy(base)
+    for p in plain.parameters():  # so AdamW has some work in the base step: the norms
+        p.requires_grad_(p.dim() == 1)
+    return {"base": plain, "PEFT Lily": theirs, "lily_ext before": ours, "lily_ext after": ours}
+
+
+def fused_for(name):
+    import lily_ext
+
+    return lily_ext.fused_layers(name != "lily_ext before")
+
+
+def decode_round(model, batch, prompt, steps):
+    """ms per generated token of `steps` greedy decode steps after a prefill of `prompt` tokens."""
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, 2048, (batch, prompt), generator=g)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        mask = torch.ones(batch, prompt + 1, dtype=torch.long)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=cache, attention_mask=mask, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, mask[:, :1]], dim=1)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+
+def bench_decode(models, batch, rounds, steps):
+    times = {n: [] for n in models}
+    for name, model in models.items():
+        model.eval()
+        with fused_for(name):
+            decode_round(model, batch, 32, 2)
+    for _ in range(rounds):
+        for name, model in models.items():
+            with fused_for(name):
+                times[name].append(decode_round(model, batch, 32, steps))
+    return times
+
+
+def make_step(model, ids):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_train(models, rounds):
+    ids = torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1))
+    steps = {}
+    for name, model in models.items():
+        model.train()
+        if name == "lily_ext after":  # the same model and optimizer as "before"
+            steps[name] = steps["lily_ext before"]
+            continue
+        steps[name] = make_step(model, ids)
+    for name in models:
+        with fused_for(name):
+            for _ in range(2):
+                steps[name]()
+    times = {n: [] for n in models}
+    for _ in range(rounds):
+        for name in models:
+            with fused_for(name):
+                t0 = time.perf_counter()
+                steps[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    for model in models.values():
+        model.eval()
+    return times
+
+
+def _best_ms(fn, repeat):
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def gemm_floor(model, tokens, repeat):
+    """ms of the GEMMs a train step's adapters need, summed over the adapted layers (batch routing)."""
+    shapes = {}
+    for _, layer in model.lily_layers():
+        name = layer.active_adapter
+        r, n_in, n_out = layer.r[name], layer.in_features, layer.out_features
+        key = (r, n_in, n_out)
+        shapes[key] = shapes.get(key, 0) + 1
+    total = 0.0
+    g = torch.Generator().manual_seed(0)
+    for (r, n_in, n_out), count in shapes.items():
+        x = torch.randn(tokens, n_in, generator=g)
+        A = torch.randn(r, n_in, generator=g)
+        h = torch.randn(tokens, r, generator=g)
+        Bc = torch.randn(r, n_out, generator=g)
+        G = torch.randn(tokens, n_out, generator=g)
+        dh = torch.randn(tokens, r, generator=g)
+        products = [
+            lambda: torch.matmul(x, A.T),  # h = x A^T
+            lambda: torch.matmul(h, Bc),  # delta = h Bc
+            lambda: torch.matmul(G, Bc.T),  # dh = G Bc^T
+            lambda: torch.matmul(h.T, G),  # dBc = h^T G
+            lambda: torch.matmul(dh.T, x),  # dA = dh^T x
+            lambda: torch.matmul(dh, A),  # dx += dh A
+        ]
+        total += count * sum(_best_ms(p, repeat) for p in products)
+    return total
+
+
+def profile_summary(model, fn, label, rows=12):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\nprofile, {label}: self CPU time by op (top {rows}), total {total / 1e3:.1f} ms\n")
+    print("| op | calls | self ms | share |")
+    print("|---|---:|---:|---:|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        share = e.self_cpu_time_total / total if total else 0.0
+        print(f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.2f} | {share:.1%} |")
+
+
+def run_config(name, cfg, base, rounds, steps, profile):
+    print(
+        f"\n### {name}: Lily r={cfg['r']} stride_A={cfg['stride_A']} num_B={cfg['num_B']} on {', '.join(cfg['target_modules'])}\n"
+    )
+    rows = {}
+    decode_models = build(base, cfg, "token")
+    for batch in (1, 8):
+        times = bench_decode(decode_models, batch, rounds, steps)
+        rows[f"decode, ms per token, batch {batch}"] = times
+    if profile:
+        ours = decode_models["lily_ext after"]
+        profile_summary(ours, lambda: decode_round(ours, 1, 32, 4), "decode batch 1, lily_ext after (fused)")
+    del decode_models
+    train_models = build(base, cfg, "batch")
+    rows["train step ms (batch 4 x 128)"] = bench_train(train_models, max(3, rounds))
+    floor = gemm_floor(train_models["lily_ext after"], 4 * 128, 5)
+    if profile:
+        ours = train_models["lily_ext after"]
+        ours.train()
+        step = make_step(ours, torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1)))
+        step()
+        profile_summary(ours, step, "one train step, lily_ext after (fused)")
+        ours.eval()
+    print()
+    print(
+        "| | base | PEFT Lily | lily_ext before | lily_ext after | adapter cost PEFT | before | after | "
+        "after / PEFT | before / PEFT |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, times in rows.items():
+        med = {n: statistics.median(t) for n, t in times.items()}
+        cost = {n: med[n] - med["base"] for n in VARIANTS}
+        print(
+            f"| {label} | "
+            + " | ".join(f"{med[n]:.2f}" for n in VARIANTS)
+            + f" | {cost['PEFT Lily']:.2f} | {cost['lily_ext before']:.2f} | {cost['lily_ext after']:.2f} | "
+            f"{cost['lily_ext after'] / cost['PEFT Lily']:.2f} | {cost['lily_ext before'] / cost['PEFT Lily']:.2f} |"
+        )
+    train = {n: statistics.median(t) for n, t in rows["train step ms (batch 4 x 128)"].items()}
+    after = train["lily_ext after"] - train["base"]
+    print(
+        f"\ntrain step: adapter GEMM floor {floor:.1f} ms (the six products per adapted layer via torch.matmul); "
+        f"lily_ext after's adapter cost / floor = {after / floor:.2f}; medians of the rounds"
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--configs", default="big,qv")
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import peft
+    import transformers
+
+    rounds, steps = (3, 8) if args.quick else (7, 16)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"{torch.get_num_threads()} threads; Llama 8 layers, hidden 512, MLP 1408, 8 heads, vocab 2048; "
+        f"{rounds} interleaved rounds, median; decode: {steps} tokens after a 32-token prompt"
+    )
+    base = llama()
+    for name in args.configs.split(","):
+        run_config(name, CONFIGS[name], base, rounds, steps, profile=not args.no_profile and name == "big")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""lily::lily_linear, the whole Lily layer in one op, and LilyLinear's fused path.
+
+The reference is the composed path in float64: ``F.linear(x, W, b) + routed_mix(F.linear(x, A), R, Bk)``.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.models import tiny_llama, token_batch
+
+import lily_ext
+from lily_ext import LilyConfig, fused_layers, get_lily_model
+from lily_ext.ops import MODES, lily_linear, routed_mix
+
+IN, OUT, R, E = 12, 10, 4, 3
+
+
+def make_inputs(lead, mode, dtype=torch.float32, adapter_dtype=None, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+
+    def rnd(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dt)
+
+    x = rnd(*lead, IN)
+    weight = rnd(OUT, IN, scale=0.3)
+    b = rnd(OUT) if bias else None
+    A = rnd(R, IN, dt=adapter_dtype, scale=0.3)
+    router = rnd(E, dt=adapter_dtype) if mode == "static" else rnd(E, R, dt=adapter_dtype)
+    bank = rnd(E, R, OUT, dt=adapter_dtype, scale=0.5)
+    return x, weight, b, A, router, bank
+
+
+def make_mask(lead, mode):
+    if mode not in ("sequence", "causal") or len(lead) < 2:
+        return None
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(*lead, generator=g) > 0.3
+    mask[0] = False  # a fully masked sample
+    return mask
+
+
+def reference(x, weight, bias, A, router, bank, scaling, mode, mask):
+    d = torch.float64
+    y = F.linear(x.to(d), weight.to(d), None if bias is None else bias.to(d))
+    h = F.linear(x.to(d), A.to(d))
+    return y + routed_mix(h, router.to(d), bank.to(d).reshape(E, R, OUT), scaling=scaling, mode=mode, mask=mask)
+
+
+LEADS = [(1,), (3,), (2, 5), (1, 70), (2, 40)]  # (1, 70), (2, 40): more than 64 rows, the in-place BLAS mix
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("lead", LEADS)
+def test_forward_backward_match_reference(mode, lead):
+    x, weight, bias, A, router, bank = make_inputs(lead, mode, torch.float64)
+    mask = make_mask(lead, mode)
+    leaves = [t.requires_grad_() for t in (x, weight, bias, A, router, bank)]
+    y = lily_linear(*leaves, scaling=0.7, mode=mode, mask=mask)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref = reference(*ref_leaves, 0.7, mode, mask)
+    torch.testing.assert_close(y, ref)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ref.backward(grad)
+    for name, got, want in zip(("x", "weight", "bias", "A", "router", "bank"), leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "dtype, adapter_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
+    + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
+)
+def test_dtypes(mode, dtype, adapter_dtype):
+    lead = (2, 5)
+    x, weight, bias, A, router, bank = make_inputs(lead, mode, dtype, adapter_dtype)
+    mask = make_mask(lead, mode)
+    leaves = [t.requires_grad_() for t in (x, weight, bias, A, router, bank)]
+    y = lily_linear(*leaves, scaling=0.7, mode=mode, mask=mask)
+    assert y.dtype == dtype
+    ref = reference(*[t.detach() for t in leaves], 0.7, mode, mask)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype != torch.float32 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.double(), ref, **tol)
+    y.float().square().sum().backward()
+    for t in leaves:
+        assert t.grad is not None and t.grad.dtype == t.dtype and torch.isfinite(t.grad).all()
+
+
+def test_flat_bank_and_no_bias():
+    x, weight, _, A, router, bank = make_inputs((2, 3), "token", bias=False)
+    a = lily_linear(x, weight, None, A, router, bank, scaling=0.5, mode="token")
+    b = lily_linear(x, weight, None, A, router, bank.reshape(E * R, OUT), scaling=0.5, mode="token")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(
+        a.double(), reference(x, weight, None, A, router, bank, 0.5, "token", None), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_no_grad_equals_grad_path():
+    x, weight, bias, A, router, bank = make_inputs((3, 4), "batch")
+    with torch.no_grad():
+        plain = lily_linear(x, weight, bias, A, router, bank, scaling=0.5, mode="batch")
+    tracked = lily_linear(x, weight, bias, A.requires_grad_(), router, bank, scaling=0.5, mode="batch")
+    torch.testing.assert_close(plain, tracked.detach(), rtol=0, atol=0)
+
+
+def test_empty_rows():
+    x, weight, bias, A, router, bank = make_inputs((0,), "token")
+    leaves = [t.requires_grad_() for t in (x, weight, bias, A, router, bank)]
+    y = lily_linear(*leaves, mode="token")
+    assert y.shape == (0, OUT)
+    y.sum().backward()
+    assert float(A.grad.abs().sum()) == 0 and float(bank.grad.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck(mode):
+    lead = (2, 3)
+    x, weight, bias, A, router, bank = make_inputs(lead, mode, torch.float64)
+    mask = make_mask(lead, mode)
+    leaves = tuple(t.requires_grad_() for t in (x, weight, bias, A, router, bank))
+    assert torch.autograd.gradcheck(lambda *t: lily_linear(*t, scaling=0.8, mode=mode, mask=mask), leaves)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck(mode):
+    lead = (2, 5)
+    x, weight, bias, A, router, bank = make_inputs(lead, mode)
+    mask = make_mask(lead, mode)
+    args = (x, weight, bias, A, router, bank)
+    torch.library.opcheck(
+        torch.ops.lily.lily_linear.default, (*(t.clone().requires_grad_() for t in args), 0.5, mode, mask)
+    )
+    torch.library.opcheck(torch.ops.lily.lily_linear.default, (*args, 0.5, mode, mask))
+    torch.library.opcheck(torch.ops.lily.lily_linear_forward.default, (*args, 0.5, mode, mask))
+    _, hidden = torch.ops.lily.lily_linear_forward(*args, 0.5, mode, mask)
+    grad = torch.randn(*lead, OUT)
+    for needs in ([True, True, True, True], [True, False, False, True], [False, False, False, False]):
+        torch.library.opcheck(
+            torch.ops.lily.lily_linear_backward.default,
+            (grad, x, hidden, weight, A, router, bank, 0.5, mode, mask, needs),
+        )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_fullgraph(mode):
+    lead = (2, 6)
+    inputs = make_inputs(lead, mode)
+    mask = make_mask(lead, mode)
+
+    def layer(*t):
+        return torch.tanh(lily_linear(*t, scaling=0.5, mode=mode, mask=mask)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor" if mode == "token" else "aot_eager")
+    results = []
+    for fn in (layer, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append((loss, *(t.grad for t in leaves)))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager)
+
+
+def test_autocast_runs_in_autocast_dtype():
+    x, weight, bias, A, router, bank = make_inputs((2, 3), "token")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lily_linear(x, weight, bias, A, router, bank, mode="token")
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(weight=a["weight"][:, :-1]), "weight: expected shape [out, in]"),
+        (lambda a: a.update(bias=a["bias"][:-1]), "bias: expected shape"),
+        (lambda a: a.update(A=a["A"][:, :-1]), "A: expected shape [r, in]"),
+        (lambda a: a.update(bank=a["bank"][:, :-1]), "bank: expected shape [E, r, out]"),
+        (lambda a: a.update(bank=a["bank"].reshape(E * R, OUT)[:-1]), "bank: expected shape [E, r, out]"),
+        (lambda a: a.update(router=a["router"][:, :-1]), "router: expected shape [E, r]"),
+        (lambda a: a.update(weight=a["weight"].double()), "weight: dtype torch.float64 differs from x's"),
+        (lambda a: a.update(router=a["router"].double()), "router: dtype torch.float64 differs from A's"),
+        (lambda a: a.update(mode="nope"), "mode: expected one of"),
+        (lambda a: a.update(mask=torch.ones(2, 3, dtype=torch.bool)), "mask: only modes"),
+        (lambda a: a.update(scaling=float("nan")), "scaling: expected a finite float"),
+    ],
+)
+def test_bad_inputs_eager_and_fake(change, message):
+    x, weight, bias, A, router, bank = make_inputs((2, 3), "token")
+    args = dict(x=x, weight=weight, bias=bias, A=A, router=router, bank=bank, scaling=0.5, mode="token", mask=None)
+    change(args)
+    values = list(args.values())
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        torch.ops.lily.lily_linear(*values)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            torch.ops.lily.lily_linear(*fake)
+
+
+# ---- LilyLinear uses it ---------------------------------------------------------------------------
+
+
+def lily_llama(routing, r=8, num_B=3):
+    model = get_lily_model(
+        tiny_llama(layers=2, hidden=32),
+        LilyConfig(r=r, stride_A=2, num_B=num_B, target_modules=["q_proj", "v_proj", "down_proj"], routing=routing),
+    )
+    with torch.no_grad():
+        for _, layer in model.lily_layers():
+            layer.lily_B["default"].weight.normal_(std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("routing", ["batch", "token", "static", "sequence", "causal"])
+def test_model_fused_equals_composed(routing):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lily_llama(routing)
+    ids = token_batch(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, labels=ids)
+    results = []
+    for fused in (False, True):
+        with fused_layers(fused):
+            model.zero_grad(set_to_none=True)
+            out = model(**kwargs)
+            out.loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((out.logits.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_layer_calls_the_fused_op_once_per_layer():
+    model = lily_llama("token").eval()
+    ids = token_batch(1, 4)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(input_ids=ids)
+    names = [e.name for e in prof.events()]
+    assert names.count("lily::lily_linear") == len(list(model.lily_layers()))
+    assert "lily::routed_mix" not in names
+
+
+def test_generation_with_cache_matches_composed():
+    import warnings
+
+    for routing in ("token", "causal"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lily_llama(routing).eval()
+        ids = token_batch(2, 5)
+        outs = []
+        for fused in (False, True):
+            with fused_layers(fused), torch.no_grad():
+                outs.append(
+                    model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=4,
+                        do_sample=False,
+                        output_scores=True,
+                        return_dict_in_generate=True,
+                        pad_token_id=0,
+                    )
+                )
+        assert torch.equal(outs[0].sequences, outs[1].sequences)
+        for a, b in zip(outs[0].scores, outs[1].scores):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_switches_and_state_changes():
+    model = lily_llama("static").eval()
+    ids = token_batch(1, 4)
+    with torch.no_grad():
+        base = model.model(input_ids=ids).logits  # the wrapped model, adapters on
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+        model.merge_adapter()
+        merged = model(input_ids=ids).logits
+        model.unmerge_adapter()
+    assert not torch.allclose(base, off)
+    torch.testing.assert_close(again, base, rtol=0, atol=0)
+    torch.testing.assert_close(merged, base, atol=1e-5, rtol=1e-5)
+    assert lily_ext.set_fused_layers(True) == "inference"  # the default: fused where no grad is recorded
+    assert lily_ext.set_fused_layers("inference") is True
+    with pytest.raises(ValueError, match="set_fused_layers: expected True, False or 'inference'"):
+        lily_ext.set_fused_layers("yes")
+
+
+def test_training_takes_the_composed_ops_by_default():
+    model = lily_llama("token").train()
+    ids = token_batch(1, 4)
+    with torch.profiler.profile() as prof:
+        model(input_ids=ids).logits.sum().backward()
+    names = [e.name for e in prof.events()]
+    assert "lily::lily_linear" not in names and "lily::routed_mix" in names
+    with fused_layers(True), torch.profiler.profile() as prof:
+        model(input_ids=ids).logits.sum().backward()
+    assert [e.name for e in prof.events()].count("lily::lily_linear") >= len(list(model.lily_layers()))
+
+
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+def test_torch_compile_fullgraph_of_a_fresh_wrapped_model(routing):
+    """The layers' cached arguments are built inside the compiled region (first call): no graph break."""
+    from helpers.lily_models import lily_net
+
+    model = lily_net(routing).train()
+    x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with fused_layers(True):  # training: fused only when asked
+        out = compiled(x, attention_mask=mask)
+        out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with fused_layers(False):
+        ref = model(x, attention_mask=mask)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
