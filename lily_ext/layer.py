@@ -407,7 +407,9 @@ class LilyLinear(nn.Module):
         if fused is None:
             fused = self._fused = self._fused_args()
         setting = _FUSED[0]
-        if fused and setting and (setting is True or not torch.is_grad_enabled()) and not args and not kwargs:
+        # torch.jit.trace checks its graph again under no_grad: one path for both (the composed ops)
+        inference = not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        if fused and setting and (setting is True or inference) and not args and not kwargs:
             _, weight, bias, A, router, bank, scaling, mode = fused
             if mode == "sequence":
                 return lily_linear(
