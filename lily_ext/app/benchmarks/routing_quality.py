@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from ... import LilyConfig, get_lily_model
 from ..data import demo_dataset, split
-from ..training import evaluate, load_base_classifier, train
+from ..training import load_base_classifier, train_and_score
 
 
 def run_one(routing: str, seed: int, steps: int) -> dict:
@@ -36,22 +35,7 @@ def run_one(routing: str, seed: int, steps: int) -> dict:
         r=16, stride_A=2, num_B=3, target_modules=["query", "value"], routing=routing, modules_to_save=["classifier"]
     )
     model = get_lily_model(base, config)
-    started = time.perf_counter()
-    train(
-        model,
-        tokenizer,
-        train_pairs,
-        label_ids,
-        steps=steps,
-        batch_size=16,
-        lr=2e-3,
-        max_length=64,
-        seed=seed,
-        progress=False,
-    )
-    seconds = time.perf_counter() - started
-    scores = evaluate(model, tokenizer, held_out, label_ids, max_length=64)
-    return {"accuracy": scores["accuracy"], "loss": scores["loss"], "seconds": seconds}
+    return train_and_score(model, tokenizer, train_pairs, held_out, label_ids, steps=steps, seed=seed)
 
 
 def main(argv=None):

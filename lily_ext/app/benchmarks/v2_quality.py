@@ -27,7 +27,7 @@ import torch
 
 from ... import LilyConfig, get_lily_model
 from ..data import demo_dataset, split
-from ..training import batches, evaluate, load_base_classifier, train
+from ..training import batches, load_base_classifier, train_and_score
 
 CONFIGS = {
     "v1": dict(r=16, stride_A=2, num_B=3),
@@ -57,22 +57,8 @@ def build(variant: str, seed: int):
 def run_one(variant: str, seed: int, steps: int) -> dict:
     model, tokenizer, train_pairs, held_out, label_ids = build(variant, seed)
     trainable, _ = model.get_nb_trainable_parameters()
-    started = time.perf_counter()
-    train(
-        model,
-        tokenizer,
-        train_pairs,
-        label_ids,
-        steps=steps,
-        batch_size=16,
-        lr=2e-3,
-        max_length=64,
-        seed=seed,
-        progress=False,
-    )
-    seconds = time.perf_counter() - started
-    scores = evaluate(model, tokenizer, held_out, label_ids, max_length=64)
-    return {"accuracy": scores["accuracy"], "loss": scores["loss"], "seconds": seconds, "trainable": trainable}
+    result = train_and_score(model, tokenizer, train_pairs, held_out, label_ids, steps=steps, seed=seed)
+    return {**result, "trainable": trainable}
 
 
 def step_times(rounds: int) -> dict:
