@@ -147,15 +147,15 @@ LILY_INLINE void micro_kernel(int64_t kc, const T* __restrict__ a, const T* __re
 }
 
 template <typename T, int VB, int MR, int NV>
-LILY_INLINE void gemm_tile_impl(int64_t tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
-                                const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+LILY_INLINE void gemm_tile_impl(int64_t tile, GemmTiling tiling, bool trans_a, bool trans_b, int64_t M, int64_t N,
+                                int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+                                int64_t ldc) {
   constexpr int NR = NV * int(VB / sizeof(T));
-  static_assert(kGemmTileRows % MR == 0 && kGemmTileCols % NR == 0, "tiles must hold whole micro-tiles");
   constexpr int64_t KC = kDepth<T>;
   thread_local PackBuffer<T> a_buf, b_buf;
-  const int64_t col_tiles = (N + kGemmTileCols - 1) / kGemmTileCols;
-  const int64_t r0 = (tile / col_tiles) * kGemmTileRows, c0 = (tile % col_tiles) * kGemmTileCols;
-  const int64_t rows = std::min(kGemmTileRows, M - r0), cols = std::min(kGemmTileCols, N - c0);
+  const int64_t col_tiles = (N + tiling.cols - 1) / tiling.cols;
+  const int64_t r0 = (tile / col_tiles) * tiling.rows, c0 = (tile % col_tiles) * tiling.cols;
+  const int64_t rows = std::min(tiling.rows, M - r0), cols = std::min(tiling.cols, N - c0);
   const int64_t a_panels = (rows + MR - 1) / MR, b_panels = (cols + NR - 1) / NR;
   T* a_pack = a_buf.get(static_cast<size_t>(a_panels * MR * std::min(KC, K)));
   T* b_pack = b_buf.get(static_cast<size_t>(b_panels * NR * std::min(KC, K)));
@@ -179,10 +179,10 @@ LILY_INLINE void gemm_tile_impl(int64_t tile, bool trans_a, bool trans_b, int64_
 //   AVX-512: 12 x 2 zmm = 24 accumulators + 2 B vectors + 1 broadcast of 32;
 //   AVX2:     6 x 2 ymm = 12 accumulators + 2 + 1 of 16 (the classic 6x16);
 //   SSE2:     4 x 2 xmm =  8 accumulators + 2 + 1 of 16.
-#define LILY_GEMM_TILE_ARGS(T)                                                                                 \
-  int64_t tile, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T *A, int64_t lda, \
-      const T *B, int64_t ldb, T beta, T *C, int64_t ldc
-#define LILY_GEMM_TILE_PASS tile, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc
+#define LILY_GEMM_TILE_ARGS(T)                                                                                       \
+  int64_t tile, GemmTiling tiling, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T *A, \
+      int64_t lda, const T *B, int64_t ldb, T beta, T *C, int64_t ldc
+#define LILY_GEMM_TILE_PASS tile, tiling, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc
 
 #ifdef LILY_GEMM_MULTIVERSION
 // LILY_GEMM_NO_AVX512 (tests only) drops the AVX-512 level so that an AVX-512

@@ -4,6 +4,7 @@
 // Built and run by tests/test_cpu_gemm.py; prints "ok <kernel>" or the failure.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -78,6 +79,33 @@ bool check_batched(std::mt19937& rng) {
   return true;
 }
 
+// Mid-sized products are cut into smaller tiles (gemm_tiling) so that threads get work; each
+// element's sum must not depend on its tile: the result is bit-identical to one 192 x 512 grid.
+template <typename T>
+bool check_tiling(bool ta, bool tb, int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
+  std::uniform_real_distribution<double> dist(-1.0, 1.0);
+  std::vector<T> A(M * K), B(K * N), C1(M * N), C2(M * N);
+  for (auto& x : A) x = T(dist(rng));
+  for (auto& x : B) x = T(dist(rng));
+  const int64_t lda = ta ? M : K, ldb = tb ? K : N;
+  const lily::cpu::GemmTiling split = lily::cpu::gemm_tiling(M, N, K), coarse;
+  const bool smallest = split.rows == lily::cpu::kGemmMinTileRows && split.cols == lily::cpu::kGemmMinTileCols;
+  if ((split.count(M, N) < lily::cpu::kGemmMinTiles && !smallest) || split.rows % 12 != 0 || split.cols % 32 != 0) {
+    std::printf("FAIL: tiling of %ld x %ld x %ld: %ld tiles of %ld x %ld\n", long(M), long(N), long(K),
+                long(split.count(M, N)), long(split.rows), long(split.cols));
+    return false;
+  }
+  lily::cpu::blocked_gemm<T>(Reversed{}, ta, tb, M, N, K, T(0.5), A.data(), lda, B.data(), ldb, T(0), C1.data(), N);
+  for (int64_t t = 0; t < coarse.count(M, N); ++t)
+    lily::cpu::gemm_tile(t, coarse, ta, tb, M, N, K, T(0.5), A.data(), lda, B.data(), ldb, T(0), C2.data(), N);
+  if (std::memcmp(C1.data(), C2.data(), sizeof(T) * C1.size()) != 0) {
+    std::printf("FAIL: %ld x %ld x %ld ta=%d tb=%d: split tiles differ in bits from one coarse grid\n", long(M),
+                long(N), long(K), ta, tb);
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 int main() {
@@ -98,6 +126,13 @@ int main() {
   ok = ok && check<float>(false, false, 9, 11, 0, 1.0f, 0.5f, 0, rng) &&
        check<float>(false, true, 9, 11, 4, 0.0f, 0.0f, 1, rng);
   ok = ok && check_batched<float>(rng) && check_batched<double>(rng);
+  // The adapter's training products (x A^T, dh^T x, ...) and a ragged one, every transpose.
+  const int64_t split_shapes[][3] = {{512, 128, 512}, {128, 512, 512}, {100, 70, 400}};
+  for (const auto& s : split_shapes)
+    for (int ta = 0; ta < 2; ++ta)
+      for (int tb = 0; tb < 2; ++tb)
+        ok = ok && check_tiling<float>(ta, tb, s[0], s[1], s[2], rng) &&
+             check_tiling<double>(ta, tb, s[0], s[1], s[2], rng);
   if (!ok) return 1;
   std::printf("ok %s\n", lily::cpu::gemm_kernel_name());
   return 0;
