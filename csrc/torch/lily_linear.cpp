@@ -412,4 +412,21 @@ TORCH_LIBRARY_IMPL(lily, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(lily, Autograd, m) { m.impl("lily_linear", &lily_linear_autograd); }
 
+// The CUDA path's composition (above) on any device, under its own names: so the CPU tests run
+// the code the CUDA kernels of lily_linear_forward / _backward are, where no GPU is lent.
+TORCH_LIBRARY_FRAGMENT(lily, m) {
+  m.def(
+      "_lily_linear_forward_composed(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor router, Tensor bank, "
+      "float scaling, str mode, Tensor? mask=None) -> (Tensor, Tensor)");
+  m.def(
+      "_lily_linear_backward_composed(Tensor grad, Tensor x, Tensor hidden, Tensor weight, Tensor A, Tensor router, "
+      "Tensor bank, float scaling, str mode, Tensor? mask, bool[4] needs) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lily, CompositeExplicitAutograd, m) {
+  m.impl("_lily_linear_forward_composed", &lily_linear_forward_composed);
+  m.impl("_lily_linear_backward_composed", &lily_linear_backward_composed);
+}
+
 }  // namespace lily_torch
