@@ -175,6 +175,55 @@ LILY_INLINE void gemm_tile_impl(int64_t tile, GemmTiling tiling, bool trans_a, b
   }
 }
 
+// Shared packing (blocked_gemm's small-operand path): panels [p0, p1) of op(A) (b_side false, MR
+// rows each) or op(B) (NR columns each), every K slice, into `packed`. Slice k0 of an operand of
+// `extent` rows (columns) padded to whole panels starts at k0 * padded; panel p of it at p * R * kc.
+template <typename T, int MR, int NR>
+LILY_INLINE void pack_panels_impl(bool b_side, int64_t p0, int64_t p1, bool trans, const T* X, int64_t ld,
+                                  int64_t extent, int64_t K, T* packed) {
+  constexpr int64_t KC = kDepth<T>;
+  const int64_t R = b_side ? NR : MR, padded = (extent + R - 1) / R * R;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    T* slice = packed + k0 * padded;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t first = p * R, count = std::min<int64_t>(R, extent - first);
+      if (b_side)
+        pack_b<T, NR>(trans, X, ld, first, count, k0, kc, slice + first * kc);
+      else
+        pack_a<T, MR>(trans, X, ld, first, count, k0, kc, slice + first * kc);
+    }
+  }
+}
+
+// gemm_tile_impl over operands packed once by pack_panels_impl: the same micro-kernel calls on the
+// same panel contents in the same order, so the same bits.
+template <typename T, int VB, int MR, int NV>
+LILY_INLINE void packed_tile_impl(int64_t tile, GemmTiling tiling, int64_t M, int64_t N, int64_t K, T alpha,
+                                  const T* a_packed, const T* b_packed, T beta, T* C, int64_t ldc) {
+  constexpr int NR = NV * int(VB / sizeof(T));
+  constexpr int64_t KC = kDepth<T>;
+  const int64_t col_tiles = (N + tiling.cols - 1) / tiling.cols;
+  const int64_t r0 = (tile / col_tiles) * tiling.rows, c0 = (tile % col_tiles) * tiling.cols;
+  const int64_t rows = std::min(tiling.rows, M - r0), cols = std::min(tiling.cols, N - c0);
+  const int64_t a_panels = (rows + MR - 1) / MR, b_panels = (cols + NR - 1) / NR;
+  const int64_t m_padded = (M + MR - 1) / MR * MR, n_padded = (N + NR - 1) / NR * NR;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    const T beta_k = k0 == 0 ? beta : T(1);
+    const T* a_slice = a_packed + k0 * m_padded + r0 * kc;
+    const T* b_slice = b_packed + k0 * n_padded + c0 * kc;
+    for (int64_t q = 0; q < b_panels; ++q) {
+      const int64_t j = q * NR;
+      for (int64_t p = 0; p < a_panels; ++p) {
+        const int64_t i = p * MR;
+        micro_kernel<T, VB, MR, NV>(kc, a_slice + i * kc, b_slice + j * kc, C + (r0 + i) * ldc + c0 + j, ldc,
+                                    std::min<int64_t>(MR, rows - i), std::min<int64_t>(NR, cols - j), alpha, beta_k);
+      }
+    }
+  }
+}
+
 // Micro-kernel shapes per level (accumulator registers + operand registers):
 //   AVX-512: 12 x 2 zmm = 24 accumulators + 2 B vectors + 1 broadcast of 32;
 //   AVX2:     6 x 2 ymm = 12 accumulators + 2 + 1 of 16 (the classic 6x16);
@@ -183,33 +232,41 @@ LILY_INLINE void gemm_tile_impl(int64_t tile, GemmTiling tiling, bool trans_a, b
   int64_t tile, GemmTiling tiling, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T *A, \
       int64_t lda, const T *B, int64_t ldb, T beta, T *C, int64_t ldc
 #define LILY_GEMM_TILE_PASS tile, tiling, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc
+#define LILY_GEMM_PACK_ARGS(T) \
+  bool b_side, int64_t p0, int64_t p1, bool trans, const T *X, int64_t ld, int64_t extent, int64_t K, T *packed
+#define LILY_GEMM_PACK_PASS b_side, p0, p1, trans, X, ld, extent, K, packed
+#define LILY_GEMM_PACKED_ARGS(T)                                                                                   \
+  int64_t tile, GemmTiling tiling, int64_t M, int64_t N, int64_t K, T alpha, const T *a_packed, const T *b_packed, \
+      T beta, T *C, int64_t ldc
+#define LILY_GEMM_PACKED_PASS tile, tiling, M, N, K, alpha, a_packed, b_packed, beta, C, ldc
+
+// One level's kernels: (T, function attribute, vector bytes, MR, vectors per row of the micro-tile).
+#define LILY_DEFINE_LEVEL(T, ATTR, VB, MR, NV)                                                                       \
+  ATTR void tile_kernel(LILY_GEMM_TILE_ARGS(T)) { gemm_tile_impl<T, VB, MR, NV>(LILY_GEMM_TILE_PASS); }              \
+  ATTR void pack_kernel(LILY_GEMM_PACK_ARGS(T)) {                                                                    \
+    pack_panels_impl<T, MR, NV* int(VB / sizeof(T))>(LILY_GEMM_PACK_PASS);                                           \
+  }                                                                                                                  \
+  ATTR void packed_tile_kernel(LILY_GEMM_PACKED_ARGS(T)) { packed_tile_impl<T, VB, MR, NV>(LILY_GEMM_PACKED_PASS); } \
+  ATTR GemmPanelShape panel_shape_kernel(const T*) { return {MR, NV * int64_t(VB / sizeof(T))}; }
 
 #ifdef LILY_GEMM_MULTIVERSION
 // LILY_GEMM_NO_AVX512 (tests only) drops the AVX-512 level so that an AVX-512
 // host can check the AVX2 kernel.
 #ifndef LILY_GEMM_NO_AVX512
-#define LILY_TILE_V4(T)                                                                \
-  __attribute__((target("arch=x86-64-v4"))) void tile_kernel(LILY_GEMM_TILE_ARGS(T)) { \
-    gemm_tile_impl<T, 64, 12, 2>(LILY_GEMM_TILE_PASS);                                 \
-  }
+#define LILY_LEVEL_V4(T) LILY_DEFINE_LEVEL(T, __attribute__((target("arch=x86-64-v4"))), 64, 12, 2)
 #else
-#define LILY_TILE_V4(T)
+#define LILY_LEVEL_V4(T)
 #endif
-#define LILY_DEFINE_TILE(T)                                                            \
-  LILY_TILE_V4(T)                                                                      \
-  __attribute__((target("arch=x86-64-v3"))) void tile_kernel(LILY_GEMM_TILE_ARGS(T)) { \
-    gemm_tile_impl<T, 32, 6, 2>(LILY_GEMM_TILE_PASS);                                  \
-  }                                                                                    \
-  __attribute__((target("default"))) void tile_kernel(LILY_GEMM_TILE_ARGS(T)) {        \
-    gemm_tile_impl<T, 16, 4, 2>(LILY_GEMM_TILE_PASS);                                  \
-  }
+#define LILY_DEFINE_LEVELS(T)                                               \
+  LILY_LEVEL_V4(T)                                                          \
+  LILY_DEFINE_LEVEL(T, __attribute__((target("arch=x86-64-v3"))), 32, 6, 2) \
+  LILY_DEFINE_LEVEL(T, __attribute__((target("default"))), 16, 4, 2)
 #else
-#define LILY_DEFINE_TILE(T) \
-  void tile_kernel(LILY_GEMM_TILE_ARGS(T)) { gemm_tile_impl<T, 16, 4, 2>(LILY_GEMM_TILE_PASS); }
+#define LILY_DEFINE_LEVELS(T) LILY_DEFINE_LEVEL(T, , 16, 4, 2)
 #endif
 
-LILY_DEFINE_TILE(float)
-LILY_DEFINE_TILE(double)
+LILY_DEFINE_LEVELS(float)
+LILY_DEFINE_LEVELS(double)
 
 #ifdef LILY_GEMM_MULTIVERSION
 #ifndef LILY_GEMM_NO_AVX512
@@ -237,8 +294,11 @@ void scale_impl(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
 
 const char* gemm_kernel_name() { return kernel_name(); }
 
-#define LILY_DEFINE_GEMM(T)                                                    \
-  void gemm_tile(LILY_GEMM_TILE_ARGS(T)) { tile_kernel(LILY_GEMM_TILE_PASS); } \
+#define LILY_DEFINE_GEMM(T)                                                                      \
+  void gemm_tile(LILY_GEMM_TILE_ARGS(T)) { tile_kernel(LILY_GEMM_TILE_PASS); }                   \
+  void gemm_pack(LILY_GEMM_PACK_ARGS(T)) { pack_kernel(LILY_GEMM_PACK_PASS); }                   \
+  void gemm_packed_tile(LILY_GEMM_PACKED_ARGS(T)) { packed_tile_kernel(LILY_GEMM_PACKED_PASS); } \
+  GemmPanelShape gemm_panel_shape(const T* tag) { return panel_shape_kernel(tag); }              \
   void gemm_scale(int64_t M, int64_t N, T beta, T* C, int64_t ldc) { scale_impl(M, N, beta, C, ldc); }
 
 LILY_DEFINE_GEMM(float)
