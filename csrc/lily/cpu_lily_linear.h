@@ -8,11 +8,8 @@
 // sum, with no [N, out] temporary where the mix ends in one BLAS call and a
 // small one (<= kSmallRows rows) elsewhere. The backward computes the
 // routed_mix gradients, then dx += dh A and dA = dh^T x. Backend: as in
-// cpu_routed_mix.h, for the routing and the mix (fixed reduction order: those
-// results do not depend on the number of threads). The x-side products (x A^T,
-// dh A, dh^T x) beyond the small-N kernels go to `proj.gemm`, which the torch
-// binding points at the host's BLAS, as nn.Linear's (and the composed path's
-// F.linear) are.
+// cpu_routed_mix.h; with a Backend whose gemm has a fixed reduction order
+// (cpu_gemm), results do not depend on the number of threads.
 #pragma once
 
 #include <algorithm>
@@ -54,20 +51,18 @@ struct SerialBackend {
 // in = 512: 64 Ki), saving a parallel region per layer.
 constexpr int64_t kSerialProjection = int64_t(1) << 17;
 
-// s: the routed_mix shape of hidden = x A^T (rows N, rank r, ...); `in` = x's features. `proj`:
-// a Backend (parallel_for, gemm) for the x-side products.
+// s: the routed_mix shape of hidden = x A^T (rows N, rank r, ...); `in` = x's features.
 // Writes hidden [N, r] and adds the adapter output into y [N, out] (accumulate), or
 // writes it there (!accumulate: y = the adapter output alone).
-template <typename T, typename Backend, typename Projection>
-void lily_adapter_forward(const Backend& be, const Projection& proj, const MixShape& s, int64_t in, T scaling,
-                          const T* x, const T* A, const T* router, const T* bank, const uint8_t* mask, T* hidden, T* y,
-                          bool accumulate) {
+template <typename T, typename Backend>
+void lily_adapter_forward(const Backend& be, const MixShape& s, int64_t in, T scaling, const T* x, const T* A,
+                          const T* router, const T* bank, const uint8_t* mask, T* hidden, T* y, bool accumulate) {
   const int64_t N = s.rows, r = s.rank, out = s.out;
   if (N == 0) return;
   if (N * r * in <= kSerialProjection)  // h = x A^T
     matmul(SerialBackend<Backend>{be}, false, true, N, r, in, T(1), x, in, A, in, T(0), hidden, r);
   else
-    matmul(proj, false, true, N, r, in, T(1), x, in, A, in, T(0), hidden, r);
+    matmul(be, false, true, N, r, in, T(1), x, in, A, in, T(0), hidden, r);
   if (!accumulate) {
     routed_mix_forward(be, s, scaling, hidden, router, bank, mask, y);
     return;
@@ -83,10 +78,10 @@ void lily_adapter_forward(const Backend& be, const Projection& proj, const MixSh
 
 // grad [N, out]; x [N, in]; hidden = x A^T [N, r] as the forward computed it.
 // dx (nullable): dx += dh A. dA (nullable): dA = dh^T x. drouter, dbank: as routed_mix_backward.
-template <typename T, typename Backend, typename Projection>
-void lily_adapter_backward(const Backend& be, const Projection& proj, const MixShape& s, int64_t in, T scaling,
-                           const T* grad, const T* x, const T* hidden, const T* A, const T* router, const T* bank,
-                           const uint8_t* mask, T* dx, T* dA, T* drouter, T* dbank) {
+template <typename T, typename Backend>
+void lily_adapter_backward(const Backend& be, const MixShape& s, int64_t in, T scaling, const T* grad, const T* x,
+                           const T* hidden, const T* A, const T* router, const T* bank, const uint8_t* mask, T* dx,
+                           T* dA, T* drouter, T* dbank) {
   const int64_t N = s.rows, r = s.rank;
   auto dh = scratch<T>(N * r);
   routed_mix_backward(be, s, scaling, grad, hidden, router, bank, mask, dh.get(), drouter, dbank);
@@ -94,8 +89,8 @@ void lily_adapter_backward(const Backend& be, const Projection& proj, const MixS
     if (dA != nullptr) std::fill(dA, dA + r * in, T(0));
     return;
   }
-  if (dx != nullptr) matmul(proj, false, false, N, in, r, T(1), dh.get(), r, A, in, T(1), dx, in);
-  if (dA != nullptr) matmul(proj, true, false, r, in, N, T(1), dh.get(), r, x, in, T(0), dA, in);
+  if (dx != nullptr) matmul(be, false, false, N, in, r, T(1), dh.get(), r, A, in, T(1), dx, in);
+  if (dA != nullptr) matmul(be, true, false, r, in, N, T(1), dh.get(), r, x, in, T(0), dA, in);
 }
 
 }  // namespace cpu

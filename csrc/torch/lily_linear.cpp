@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
   at::Tensor h = at::empty(with_last(x.sizes(), s.rank), xc.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "lily::lily_linear (CPU)", [&] {
     lily::cpu::lily_adapter_forward<scalar_t>(
-        TorchCpuBackend{}, AtenProjection{}, s, call.in, static_cast<scalar_t>(scaling), xc.const_data_ptr<scalar_t>(),
+        AtenBackend{}, s, call.in, static_cast<scalar_t>(scaling), xc.const_data_ptr<scalar_t>(),
         Ac.const_data_ptr<scalar_t>(), Rc.const_data_ptr<scalar_t>(), Bc.const_data_ptr<scalar_t>(), mask_ptr(m),
         h.mutable_data_ptr<scalar_t>(), target.mutable_data_ptr<scalar_t>(), in_place);
   });
@@ -222,9 +222,9 @@ Grads lily_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, cons
   at::Tensor dB = at::empty(g.call.bank.sizes(), xc.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "lily::lily_linear_backward (CPU)", [&] {
     lily::cpu::lily_adapter_backward<scalar_t>(
-        TorchCpuBackend{}, AtenProjection{}, s, g.call.in, static_cast<scalar_t>(scaling),
-        Gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), hc.const_data_ptr<scalar_t>(),
-        Ac.const_data_ptr<scalar_t>(), Rc.const_data_ptr<scalar_t>(), Bc.const_data_ptr<scalar_t>(), mask_ptr(m),
+        AtenBackend{}, s, g.call.in, static_cast<scalar_t>(scaling), Gc.const_data_ptr<scalar_t>(),
+        xc.const_data_ptr<scalar_t>(), hc.const_data_ptr<scalar_t>(), Ac.const_data_ptr<scalar_t>(),
+        Rc.const_data_ptr<scalar_t>(), Bc.const_data_ptr<scalar_t>(), mask_ptr(m),
         needs[0] ? dxc.mutable_data_ptr<scalar_t>() : nullptr, needs[3] ? dA.mutable_data_ptr<scalar_t>() : nullptr,
         dR.mutable_data_ptr<scalar_t>(), dB.mutable_data_ptr<scalar_t>());
   });
