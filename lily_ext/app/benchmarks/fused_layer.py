@@ -17,6 +17,8 @@ by side in one process, variants interleaved in rounds:
   timed through ``torch.matmul`` (the same BLAS) in the same run;
 - configs: ``big`` = Lily r=128 stride_A=2 num_B=4 on all seven linear targets, ``qv`` = r=32 on
   q/v (the existing train table's adapter);
+- one adapted layer (q_proj, gate_proj) at 1 and 8 rows with cold caches, against reading the
+  adapter's bytes once (decode's memory floor);
 - a profile of where lily_ext's time goes (decode batch 1, and one train step).
 """
 
@@ -180,6 +182,51 @@ def gemm_floor(model, tokens, repeat):
     return total
 
 
+def _layer(model, suffix):
+    return next(m for name, m in model.named_modules() if name.endswith(suffix))
+
+
+def cold_layers(models, repeat):
+    """Decode is a pass over weights that do not stay in cache: one adapted layer's forward at 1 and
+    8 rows with the caches flushed before every call (a 64 MiB write), against reading the adapter's
+    own bytes (its A and the bank) once: the memory floor of any exact implementation."""
+    flush = torch.zeros(16 << 20)
+    print("\nOne layer, cold caches (a 64 MiB write before every call), median us, no grad:\n")
+    print(
+        "| layer | rows | base | PEFT Lily adapter | lily_ext adapter | read A + bank once | lily_ext / PEFT | lily_ext / read |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for suffix in ("layers.3.self_attn.q_proj", "layers.3.mlp.gate_proj"):
+        base = _layer(models["base"], suffix)
+        theirs = _layer(models["PEFT Lily"], suffix)
+        ours = _layer(models["lily_ext after"], suffix)
+        name = ours.active_adapter
+        adapter = [ours.lily_A[name].weight, ours.lily_B[name].weight]
+        for rows in (1, 8):
+            x = torch.randn(rows, 1, base.in_features, generator=torch.Generator().manual_seed(rows))
+            calls = {
+                "base": lambda: base(x),
+                "PEFT": lambda: theirs(x),
+                "ours": lambda: ours(x),
+                "read": lambda: [t.sum() for t in adapter],
+            }
+            times = {k: [] for k in calls}
+            with torch.no_grad(), fused_for("lily_ext after"):
+                for _ in range(repeat):
+                    for k, call in calls.items():
+                        flush.add_(1.0)
+                        t0 = time.perf_counter()
+                        call()
+                        times[k].append((time.perf_counter() - t0) * 1e6)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            peft_cost, our_cost = med["PEFT"] - med["base"], med["ours"] - med["base"]
+            print(
+                f"| {suffix.split('.')[-1]} {base.in_features}->{base.out_features} | {rows} | {med['base']:.0f} | "
+                f"{peft_cost:.0f} | {our_cost:.0f} | {med['read']:.0f} | {our_cost / peft_cost:.2f} | "
+                f"{our_cost / med['read']:.2f} |"
+            )
+
+
 def profile_summary(model, fn, label, rows=12):
     from torch.profiler import ProfilerActivity, profile
 
@@ -204,6 +251,7 @@ def run_config(name, cfg, base, rounds, steps, profile):
     for batch in (1, 8):
         times = bench_decode(decode_models, batch, rounds, steps)
         rows[f"decode, ms per token, batch {batch}"] = times
+    cold_layers(decode_models, 15 if rounds <= 3 else 40)
     if profile:
         ours = decode_models["lily_ext after"]
         profile_summary(ours, lambda: decode_round(ours, 1, 32, 4), "decode batch 1, lily_ext after (fused)")
