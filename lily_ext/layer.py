@@ -16,19 +16,22 @@ from .ops import lily_linear, routed_mix
 _LILY_LINEAR = torch.ops.lily.lily_linear.default
 
 # Whether LilyLinear.forward runs the fused op lily::lily_linear where it can (see _fused_call).
-# "inference" (default): fused where no gradient is recorded (decode, evaluation); measured on the
-# 2-core CPU (BENCHMARKS, "lily_linear"), the fused backward made a training step slower than the
-# composed ops, so training keeps them unless set_fused_layers(True) asks otherwise
-_FUSED: list = ["inference"]
-FUSED_SETTINGS = (True, False, "inference")
+# "auto" (default): fused where no gradient is recorded (decode, evaluation) and in CPU training,
+# where the fused step measured faster than the composed ops (BENCHMARKS, "lily_linear"); training
+# on CUDA (not measured on a GPU yet), torch.jit.trace and torch.export keep the composed ops.
+# "inference": only where no gradient is recorded.
+_FUSED: list = ["auto"]
+FUSED_SETTINGS = (True, False, "auto", "inference")
 
 
 def set_fused_layers(enabled) -> bool | str:
-    """Where every LilyLinear takes the fused ``lily::lily_linear`` path (process-wide): ``"inference"``
-    (the default: when autograd records nothing), ``True`` (always, training too) or ``False`` (never:
-    the base layer, ``x A^T`` and ``routed_mix`` as separate ops). Returns the previous setting."""
+    """Where every LilyLinear takes the fused ``lily::lily_linear`` path (process-wide): ``"auto"``
+    (the default: where autograd records nothing, and in CPU training outside torch.jit.trace and
+    torch.export), ``"inference"`` (only where autograd records nothing), ``True`` (always, training
+    on any device too) or ``False`` (never: the base layer, ``x A^T`` and ``routed_mix`` as separate
+    ops). Returns the previous setting."""
     if not any(enabled is s or (isinstance(s, str) and enabled == s) for s in FUSED_SETTINGS):
-        raise ValueError(f"set_fused_layers: expected True, False or 'inference', got {enabled!r}")
+        raise ValueError(f"set_fused_layers: expected True, False, 'auto' or 'inference', got {enabled!r}")
     previous = _FUSED[0]
     _FUSED[0] = enabled
     return previous
@@ -37,7 +40,7 @@ def set_fused_layers(enabled) -> bool | str:
 @contextlib.contextmanager
 def fused_layers(enabled=True):
     """``with fused_layers(False): ...`` runs the block with the fused path off (``True``: on, training
-    too; ``"inference"``: the default)."""
+    too; ``"auto"``: the default; ``"inference"``: only where autograd records nothing)."""
     previous = set_fused_layers(enabled)
     try:
         yield
@@ -409,7 +412,13 @@ class LilyLinear(nn.Module):
         setting = _FUSED[0]
         # torch.jit.trace checks its graph again under no_grad: one path for both (the composed ops)
         inference = not torch.is_grad_enabled() and not torch.jit.is_tracing()
-        if fused and setting and (setting is True or inference) and not args and not kwargs:
+        if (
+            fused
+            and setting
+            and (setting is True or inference or (setting == "auto" and self._fuses_training(x)))
+            and not args
+            and not kwargs
+        ):
             _, weight, bias, A, router, bank, scaling, mode = fused
             if mode == "sequence":
                 return lily_linear(
@@ -424,6 +433,11 @@ class LilyLinear(nn.Module):
             else:
                 return _LILY_LINEAR(x, weight, bias, A, router, bank, scaling, mode, None)
         return self._composed_forward(x, *args, **kwargs)
+
+    @staticmethod
+    def _fuses_training(x: torch.Tensor) -> bool:
+        """The "auto" setting's training case: CPU, and no graph capture that should see standard ops."""
+        return x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_exporting()
 
     def _composed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer, ``x A^T`` and ``routed_mix`` as separate ops (also: causal decoding with a KV cache)."""

@@ -321,22 +321,46 @@ def test_switches_and_state_changes():
     assert not torch.allclose(base, off)
     torch.testing.assert_close(again, base, rtol=0, atol=0)
     torch.testing.assert_close(merged, base, atol=1e-5, rtol=1e-5)
-    assert lily_ext.set_fused_layers(True) == "inference"  # the default: fused where no grad is recorded
+    assert lily_ext.set_fused_layers(True) == "auto"  # the default
     assert lily_ext.set_fused_layers("inference") is True
-    with pytest.raises(ValueError, match="set_fused_layers: expected True, False or 'inference'"):
+    assert lily_ext.set_fused_layers("auto") == "inference"
+    with pytest.raises(ValueError, match="set_fused_layers: expected True, False, 'auto' or 'inference'"):
         lily_ext.set_fused_layers("yes")
 
 
-def test_training_takes_the_composed_ops_by_default():
-    model = lily_llama("token").train()
-    ids = token_batch(1, 4)
+def _lily_ops_in_a_training_step(model, ids):
     with torch.profiler.profile() as prof:
         model(input_ids=ids).logits.sum().backward()
     names = [e.name for e in prof.events()]
-    assert "lily::lily_linear" not in names and "lily::routed_mix" in names
-    with fused_layers(True), torch.profiler.profile() as prof:
-        model(input_ids=ids).logits.sum().backward()
-    assert [e.name for e in prof.events()].count("lily::lily_linear") >= len(list(model.lily_layers()))
+    return names.count("lily::lily_linear"), names.count("lily::routed_mix")
+
+
+def test_cpu_training_takes_the_fused_op_by_default():
+    model = lily_llama("token").train()
+    ids = token_batch(1, 4)
+    layers = len(list(model.lily_layers()))
+    fused, composed = _lily_ops_in_a_training_step(model, ids)
+    assert fused >= layers and composed == 0
+    with fused_layers("inference"):  # training keeps the separate ops
+        fused, composed = _lily_ops_in_a_training_step(model, ids)
+    assert fused == 0 and composed >= layers
+    with fused_layers(True):
+        fused, composed = _lily_ops_in_a_training_step(model, ids)
+    assert fused >= layers and composed == 0
+
+
+def test_fused_and_composed_training_steps_agree():
+    """The default CPU training path (fused) and the composed ops give the same loss and gradients."""
+    ids = token_batch(2, 6)
+    grads = []
+    for setting in ("auto", False):
+        model = lily_llama("token").train()
+        with fused_layers(setting):
+            model(input_ids=ids).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("routing", ["token", "sequence"])
