@@ -200,6 +200,8 @@ def cold_layers(models, repeat):
         base = _layer(models["base"], suffix)
         theirs = _layer(models["PEFT Lily"], suffix)
         ours = _layer(models["lily_ext after"], suffix)
+        if not hasattr(ours, "lily_A"):  # not a target of this config
+            continue
         name = ours.active_adapter
         adapter = [ours.lily_A[name].weight, ours.lily_B[name].weight]
         for rows in (1, 8):
