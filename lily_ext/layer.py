@@ -48,6 +48,11 @@ def fused_layers(enabled=True):
         set_fused_layers(previous)
 
 
+# torch.compiler.is_exporting came with torch 2.7; on 2.6 any compile capture counts (training under
+# torch.compile then keeps the composed ops there: slower, never wrong)
+_is_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
+
+
 def _fused_device(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and hasattr(torch.ops.lily, "reload_cuda_knobs"))
 
@@ -437,7 +442,7 @@ class LilyLinear(nn.Module):
     @staticmethod
     def _fuses_training(x: torch.Tensor) -> bool:
         """The "auto" setting's training case: CPU, and no graph capture that should see standard ops."""
-        return x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_exporting()
+        return x.device.type == "cpu" and not torch.jit.is_tracing() and not _is_exporting()
 
     def _composed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer, ``x A^T`` and ``routed_mix`` as separate ops (also: causal decoding with a KV cache)."""
