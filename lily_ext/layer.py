@@ -53,6 +53,19 @@ def fused_layers(enabled=True):
 _is_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
 
 
+def _fuses_now(setting, x: torch.Tensor) -> bool:
+    """Whether this call takes the fused op under `setting` (see _FUSED)."""
+    if setting is True:
+        return True
+    # torch.jit.trace checks its graph again under no_grad: one path for both (the composed ops)
+    if not setting or torch.jit.is_tracing():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    # "auto" in training: CPU, and no torch.export capture (its graph keeps standard ops)
+    return setting == "auto" and x.device.type == "cpu" and not _is_exporting()
+
+
 def _fused_device(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and hasattr(torch.ops.lily, "reload_cuda_knobs"))
 
@@ -414,16 +427,7 @@ class LilyLinear(nn.Module):
         fused = self._fused
         if fused is None:
             fused = self._fused = self._fused_args()
-        setting = _FUSED[0]
-        # torch.jit.trace checks its graph again under no_grad: one path for both (the composed ops)
-        inference = not torch.is_grad_enabled() and not torch.jit.is_tracing()
-        if (
-            fused
-            and setting
-            and (setting is True or inference or (setting == "auto" and self._fuses_training(x)))
-            and not args
-            and not kwargs
-        ):
+        if fused and _fuses_now(_FUSED[0], x) and not args and not kwargs:
             _, weight, bias, A, router, bank, scaling, mode = fused
             if mode == "sequence":
                 return lily_linear(
@@ -438,11 +442,6 @@ class LilyLinear(nn.Module):
             else:
                 return _LILY_LINEAR(x, weight, bias, A, router, bank, scaling, mode, None)
         return self._composed_forward(x, *args, **kwargs)
-
-    @staticmethod
-    def _fuses_training(x: torch.Tensor) -> bool:
-        """The "auto" setting's training case: CPU, and no graph capture that should see standard ops."""
-        return x.device.type == "cpu" and not torch.jit.is_tracing() and not _is_exporting()
 
     def _composed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer, ``x A^T`` and ``routed_mix`` as separate ops (also: causal decoding with a KV cache)."""

@@ -146,6 +146,29 @@ LILY_INLINE void micro_kernel(int64_t kc, const T* __restrict__ a, const T* __re
     }
 }
 
+// Rows [r0, r0 + rows) and columns [c0, c0 + cols) of tile `tile` of C.
+struct TileBounds {
+  int64_t r0, c0, rows, cols;
+};
+
+LILY_INLINE TileBounds tile_bounds(int64_t tile, GemmTiling tiling, int64_t M, int64_t N) {
+  const int64_t col_tiles = (N + tiling.cols - 1) / tiling.cols;
+  const int64_t r0 = (tile / col_tiles) * tiling.rows, c0 = (tile % col_tiles) * tiling.cols;
+  return {r0, c0, std::min(tiling.rows, M - r0), std::min(tiling.cols, N - c0)};
+}
+
+// One kc-deep slice of a tile: the micro-kernel over every (B panel, A panel) pair, panel i of
+// the tile's A at a + i * kc (i a row offset), panel j of its B at b + j * kc; C at the tile's corner.
+template <typename T, int VB, int MR, int NV>
+LILY_INLINE void sweep_slice(int64_t kc, const T* a, const T* b, T* C, int64_t ldc, int64_t rows, int64_t cols, T alpha,
+                             T beta) {
+  constexpr int NR = NV * int(VB / sizeof(T));
+  for (int64_t j = 0; j < cols; j += NR)
+    for (int64_t i = 0; i < rows; i += MR)
+      micro_kernel<T, VB, MR, NV>(kc, a + i * kc, b + j * kc, C + i * ldc + j, ldc, std::min<int64_t>(MR, rows - i),
+                                  std::min<int64_t>(NR, cols - j), alpha, beta);
+}
+
 template <typename T, int VB, int MR, int NV>
 LILY_INLINE void gemm_tile_impl(int64_t tile, GemmTiling tiling, bool trans_a, bool trans_b, int64_t M, int64_t N,
                                 int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
@@ -153,25 +176,17 @@ LILY_INLINE void gemm_tile_impl(int64_t tile, GemmTiling tiling, bool trans_a, b
   constexpr int NR = NV * int(VB / sizeof(T));
   constexpr int64_t KC = kDepth<T>;
   thread_local PackBuffer<T> a_buf, b_buf;
-  const int64_t col_tiles = (N + tiling.cols - 1) / tiling.cols;
-  const int64_t r0 = (tile / col_tiles) * tiling.rows, c0 = (tile % col_tiles) * tiling.cols;
-  const int64_t rows = std::min(tiling.rows, M - r0), cols = std::min(tiling.cols, N - c0);
-  const int64_t a_panels = (rows + MR - 1) / MR, b_panels = (cols + NR - 1) / NR;
+  const TileBounds t = tile_bounds(tile, tiling, M, N);
+  const int64_t a_panels = (t.rows + MR - 1) / MR, b_panels = (t.cols + NR - 1) / NR;
   T* a_pack = a_buf.get(static_cast<size_t>(a_panels * MR * std::min(KC, K)));
   T* b_pack = b_buf.get(static_cast<size_t>(b_panels * NR * std::min(KC, K)));
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
-    const T beta_k = k0 == 0 ? beta : T(1);  // later slices accumulate onto the first
-    pack_b<T, NR>(trans_b, B, ldb, c0, cols, k0, kc, b_pack);
-    pack_a<T, MR>(trans_a, A, lda, r0, rows, k0, kc, a_pack);
-    for (int64_t q = 0; q < b_panels; ++q) {
-      const int64_t j = q * NR;
-      for (int64_t p = 0; p < a_panels; ++p) {
-        const int64_t i = p * MR;
-        micro_kernel<T, VB, MR, NV>(kc, a_pack + p * MR * kc, b_pack + q * NR * kc, C + (r0 + i) * ldc + c0 + j, ldc,
-                                    std::min<int64_t>(MR, rows - i), std::min<int64_t>(NR, cols - j), alpha, beta_k);
-      }
-    }
+    pack_b<T, NR>(trans_b, B, ldb, t.c0, t.cols, k0, kc, b_pack);
+    pack_a<T, MR>(trans_a, A, lda, t.r0, t.rows, k0, kc, a_pack);
+    // later slices accumulate onto the first
+    sweep_slice<T, VB, MR, NV>(kc, a_pack, b_pack, C + t.r0 * ldc + t.c0, ldc, t.rows, t.cols, alpha,
+                               k0 == 0 ? beta : T(1));
   }
 }
 
@@ -203,24 +218,12 @@ LILY_INLINE void packed_tile_impl(int64_t tile, GemmTiling tiling, int64_t M, in
                                   const T* a_packed, const T* b_packed, T beta, T* C, int64_t ldc) {
   constexpr int NR = NV * int(VB / sizeof(T));
   constexpr int64_t KC = kDepth<T>;
-  const int64_t col_tiles = (N + tiling.cols - 1) / tiling.cols;
-  const int64_t r0 = (tile / col_tiles) * tiling.rows, c0 = (tile % col_tiles) * tiling.cols;
-  const int64_t rows = std::min(tiling.rows, M - r0), cols = std::min(tiling.cols, N - c0);
-  const int64_t a_panels = (rows + MR - 1) / MR, b_panels = (cols + NR - 1) / NR;
+  const TileBounds t = tile_bounds(tile, tiling, M, N);
   const int64_t m_padded = (M + MR - 1) / MR * MR, n_padded = (N + NR - 1) / NR * NR;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
-    const T beta_k = k0 == 0 ? beta : T(1);
-    const T* a_slice = a_packed + k0 * m_padded + r0 * kc;
-    const T* b_slice = b_packed + k0 * n_padded + c0 * kc;
-    for (int64_t q = 0; q < b_panels; ++q) {
-      const int64_t j = q * NR;
-      for (int64_t p = 0; p < a_panels; ++p) {
-        const int64_t i = p * MR;
-        micro_kernel<T, VB, MR, NV>(kc, a_slice + i * kc, b_slice + j * kc, C + (r0 + i) * ldc + c0 + j, ldc,
-                                    std::min<int64_t>(MR, rows - i), std::min<int64_t>(NR, cols - j), alpha, beta_k);
-      }
-    }
+    sweep_slice<T, VB, MR, NV>(kc, a_packed + k0 * m_padded + t.r0 * kc, b_packed + k0 * n_padded + t.c0 * kc,
+                               C + t.r0 * ldc + t.c0, ldc, t.rows, t.cols, alpha, k0 == 0 ? beta : T(1));
   }
 }
 

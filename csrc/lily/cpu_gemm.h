@@ -63,6 +63,11 @@ inline GemmTiling gemm_tiling(int64_t M, int64_t N, int64_t K) {
   return t;
 }
 
+// Every tile gemm_tiling makes starts on a panel boundary of every micro-kernel (MR 12, 6, 4; NR
+// 32, 16, 8 floats, 16, 8, 4 doubles): the shared-packing path addresses panels by tile corner.
+static_assert(kGemmTileRows % 12 == 0 && kGemmMinTileRows % 12 == 0, "tile rows: whole MR panels");
+static_assert(kGemmTileCols % 32 == 0 && kGemmMinTileCols % 32 == 0, "tile columns: whole NR panels");
+
 struct GemmPanelShape {
   int64_t mr, nr;
 };

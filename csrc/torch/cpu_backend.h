@@ -1,4 +1,5 @@
-// The CPU Backend (csrc/lily/cpu_routed_mix.h) of the torch bindings.
+// The CPU Backends (csrc/lily/cpu_routed_mix.h) of the torch bindings: TorchCpuBackend for
+// routed_mix, AtenBackend for lily_linear.
 #pragma once
 
 #include <ATen/Parallel.h>

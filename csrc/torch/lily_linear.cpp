@@ -384,17 +384,19 @@ at::Tensor lily_linear_autograd(const at::Tensor& x, const at::Tensor& weight, c
 
 }  // namespace
 
+// Signatures shared by the ops and their composed twins (below).
+#define LILY_LINEAR_ARGS                                                                                    \
+  "(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor router, Tensor bank, float scaling, str mode, " \
+  "Tensor? mask=None)"
+#define LILY_LINEAR_FORWARD_SIGNATURE LILY_LINEAR_ARGS " -> (Tensor, Tensor)"
+#define LILY_LINEAR_BACKWARD_SIGNATURE                                                                          \
+  "(Tensor grad, Tensor x, Tensor hidden, Tensor weight, Tensor A, Tensor router, Tensor bank, float scaling, " \
+  "str mode, Tensor? mask, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
 TORCH_LIBRARY_FRAGMENT(lily, m) {
-  m.def(
-      "lily_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor router, Tensor bank, float scaling, "
-      "str mode, Tensor? mask=None) -> Tensor");
-  m.def(
-      "lily_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor router, Tensor bank, "
-      "float scaling, str mode, Tensor? mask=None) -> (Tensor, Tensor)");
-  m.def(
-      "lily_linear_backward(Tensor grad, Tensor x, Tensor hidden, Tensor weight, Tensor A, Tensor router, "
-      "Tensor bank, float scaling, str mode, Tensor? mask, bool[4] needs) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lily_linear" LILY_LINEAR_ARGS " -> Tensor");
+  m.def("lily_linear_forward" LILY_LINEAR_FORWARD_SIGNATURE);
+  m.def("lily_linear_backward" LILY_LINEAR_BACKWARD_SIGNATURE);
 }
 
 TORCH_LIBRARY_IMPL(lily, CPU, m) {
@@ -415,13 +417,8 @@ TORCH_LIBRARY_IMPL(lily, Autograd, m) { m.impl("lily_linear", &lily_linear_autog
 // The CUDA path's composition (above) on any device, under its own names: so the CPU tests run
 // the code the CUDA kernels of lily_linear_forward / _backward are, where no GPU is lent.
 TORCH_LIBRARY_FRAGMENT(lily, m) {
-  m.def(
-      "_lily_linear_forward_composed(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor router, Tensor bank, "
-      "float scaling, str mode, Tensor? mask=None) -> (Tensor, Tensor)");
-  m.def(
-      "_lily_linear_backward_composed(Tensor grad, Tensor x, Tensor hidden, Tensor weight, Tensor A, Tensor router, "
-      "Tensor bank, float scaling, str mode, Tensor? mask, bool[4] needs) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_lily_linear_forward_composed" LILY_LINEAR_FORWARD_SIGNATURE);
+  m.def("_lily_linear_backward_composed" LILY_LINEAR_BACKWARD_SIGNATURE);
 }
 
 TORCH_LIBRARY_IMPL(lily, CompositeExplicitAutograd, m) {
