@@ -233,6 +233,70 @@ LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, co
   }
 }
 
+// C[M, cols] = alpha * A @ B with B read row by row, four rows at a time, each
+// row from start to end: for one to a few rows of A, where gemm_small's
+// column blocks would walk B down its columns (one 64-byte piece per row, a
+// new page every row or two) and wait on memory. C (a few rows) stays in L1;
+// each C element is summed over k in order, as gemm_small sums it (same bits).
+template <typename T, int Bytes>
+LILY_INLINE void gemm_stream_impl(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row, int64_t a_col,
+                                  const T* B, int64_t ldb, T* C, int64_t ldc) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::type;
+  constexpr int64_t W = S::width;
+  const int64_t cv = cols - cols % (2 * W);
+  for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, sizeof(T) * size_t(cols));
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const T* b0 = B + k * ldb;
+    const T* b1 = b0 + ldb;
+    const T* b2 = b1 + ldb;
+    const T* b3 = b2 + ldb;
+    for (int64_t j = 0; j < cv; j += 2 * W) {
+      const V x0 = S::load(b0 + j), x1 = S::load(b1 + j), x2 = S::load(b2 + j), x3 = S::load(b3 + j);
+      const V y0 = S::load(b0 + j + W), y1 = S::load(b1 + j + W), y2 = S::load(b2 + j + W), y3 = S::load(b3 + j + W);
+      for (int64_t m = 0; m < M; ++m) {
+        const T* a = A + m * a_row + k * a_col;
+        const T a0 = a[0], a1 = a[a_col], a2 = a[2 * a_col], a3 = a[3 * a_col];
+        T* c = C + m * ldc + j;
+        V c0 = S::load(c), c1 = S::load(c + W);
+        c0 += a0 * x0;
+        c1 += a0 * y0;
+        c0 += a1 * x1;
+        c1 += a1 * y1;
+        c0 += a2 * x2;
+        c1 += a2 * y2;
+        c0 += a3 * x3;
+        c1 += a3 * y3;
+        S::store(c, c0);
+        S::store(c + W, c1);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const T* a = A + m * a_row + k * a_col;
+      T* c = C + m * ldc;
+      for (int64_t j = cv; j < cols; ++j) {
+        T t = c[j];
+        t += a[0] * b0[j];
+        t += a[a_col] * b1[j];
+        t += a[2 * a_col] * b2[j];
+        t += a[3 * a_col] * b3[j];
+        c[j] = t;
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    const T* b = B + k * ldb;
+    for (int64_t m = 0; m < M; ++m) {
+      const T a = A[m * a_row + k * a_col];
+      T* c = C + m * ldc;
+      for (int64_t j = 0; j < cols; ++j) c[j] += a * b[j];
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < cols; ++j) C[m * ldc + j] *= alpha;
+}
+
 // C = alpha * A @ B^T as dot products, tiled 4 rows of A x 2 rows of B so
 // that each load feeds two or four FMAs. The A tile (4 rows) stays in L1 while
 // every row of B streams past it once.
@@ -385,6 +449,15 @@ LILY_INLINE void router_backward_impl(const T* hidden, const T* probs, const T* 
   __attribute__((target("default"))) void small_kernel(LILY_SMALL_ARGS(T)) {              \
     gemm_small_impl<T, 16>(LILY_SMALL_PASS);                                              \
   }                                                                                       \
+  __attribute__((target("arch=x86-64-v4"))) void stream_kernel(LILY_SMALL_ARGS(T)) {      \
+    gemm_stream_impl<T, 64>(LILY_SMALL_PASS);                                             \
+  }                                                                                       \
+  __attribute__((target("arch=x86-64-v3"))) void stream_kernel(LILY_SMALL_ARGS(T)) {      \
+    gemm_stream_impl<T, 32>(LILY_SMALL_PASS);                                             \
+  }                                                                                       \
+  __attribute__((target("default"))) void stream_kernel(LILY_SMALL_ARGS(T)) {             \
+    gemm_stream_impl<T, 16>(LILY_SMALL_PASS);                                             \
+  }                                                                                       \
   __attribute__((target("arch=x86-64-v4"))) void small_nt_kernel(LILY_SMALL_NT_ARGS(T)) { \
     gemm_small_nt_impl<T, 64>(LILY_SMALL_NT_PASS);                                        \
   }                                                                                       \
@@ -395,8 +468,9 @@ LILY_INLINE void router_backward_impl(const T* hidden, const T* probs, const T* 
     gemm_small_nt_impl<T, 16>(LILY_SMALL_NT_PASS);                                        \
   }
 #else
-#define LILY_DEFINE_SMALL_KERNELS(T)                                                 \
-  void small_kernel(LILY_SMALL_ARGS(T)) { gemm_small_impl<T, 16>(LILY_SMALL_PASS); } \
+#define LILY_DEFINE_SMALL_KERNELS(T)                                                   \
+  void small_kernel(LILY_SMALL_ARGS(T)) { gemm_small_impl<T, 16>(LILY_SMALL_PASS); }   \
+  void stream_kernel(LILY_SMALL_ARGS(T)) { gemm_stream_impl<T, 16>(LILY_SMALL_PASS); } \
   void small_nt_kernel(LILY_SMALL_NT_ARGS(T)) { gemm_small_nt_impl<T, 16>(LILY_SMALL_NT_PASS); }
 #endif
 
@@ -417,6 +491,10 @@ LILY_DEFINE_SMALL_KERNELS(double)
   void gemm_small(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row, int64_t a_col, const T* B,   \
                   int64_t ldb, T* C, int64_t ldc) {                                                                    \
     small_kernel(M, K, cols, alpha, A, a_row, a_col, B, ldb, C, ldc);                                                  \
+  }                                                                                                                    \
+  void gemm_stream(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row, int64_t a_col, const T* B,  \
+                   int64_t ldb, T* C, int64_t ldc) {                                                                   \
+    stream_kernel(M, K, cols, alpha, A, a_row, a_col, B, ldb, C, ldc);                                                 \
   }                                                                                                                    \
   void gemm_small_nt(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, \
                      int64_t ldc) {                                                                                    \

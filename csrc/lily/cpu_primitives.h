@@ -23,6 +23,9 @@ constexpr int64_t kColBlock = 64 / sizeof(T) * 2;
   /* A + m * a_row + k * a_col (so A may be a transposed view)                                  */                     \
   void gemm_small(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row, int64_t a_col, const T* B,   \
                   int64_t ldb, T* C, int64_t ldc);                                                                     \
+  /* The same for any cols, B read row by row: for a few rows of A and a B larger than the cache */                    \
+  void gemm_stream(int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row, int64_t a_col, const T* B,  \
+                   int64_t ldb, T* C, int64_t ldc);                                                                    \
   /* C[M, N] = alpha * A[M, K] @ B[N, K]^T: row dot products, for small M */                                           \
   void gemm_small_nt(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, \
                      int64_t ldc);                                                                                     \
