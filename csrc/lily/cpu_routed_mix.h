@@ -48,15 +48,16 @@ constexpr int64_t kBatchedPlanesBytes = int64_t(16) << 20;
 // (W kron h) form: E times the GEMM work, but no pass over the bank per group.
 constexpr int64_t kPerRowBackwardRows = 4;
 
-// Up to kStreamRows rows of A, NN / TN products read B row by row (gemm_stream) when B
-// is at least kStreamBytes (it comes from memory, not the cache: decode's bank), and up
-// to kStreamAlwaysRows rows always. Measured on an AVX2 host, 1 thread: 1.5-2.7x faster
-// than gemm_small at 1-16 rows and K x N = 512 x 1408; at 8 rows and a 96 KiB B (in
-// cache) gemm_small's register tiles win. Pieces of at most kStreamCols columns, so
-// that two threads get even shares of out = 1408 (six pieces, not three).
-constexpr int64_t kStreamRows = 16;
+// Up to kStreamAlwaysRows rows of A, NN / TN products read B row by row (gemm_stream),
+// and up to kStreamRows rows where B is at least kStreamBytes (decode's bank, which
+// comes from memory: it is used once per layer and evicted by the base weights in
+// between). One thread, AVX2: 2-3x faster than gemm_small's column blocks at 1-2 rows
+// whether B is cached or not, 1.4-2.6x at 4-16 rows with B from memory; with B
+// cached gemm_small's register tiles tie at 4 rows and win from 8. Pieces of at most
+// kStreamCols columns, so that two threads get even shares of out = 1408 (six, not three).
 constexpr int64_t kStreamAlwaysRows = 2;
-constexpr int64_t kStreamBytes = int64_t(256) << 10;
+constexpr int64_t kStreamRows = 8;
+constexpr int64_t kStreamBytes = int64_t(1) << 20;
 constexpr int64_t kStreamCols = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -17,7 +17,7 @@ SHAPES = [
     ((3, 70), 2, 9, 300),  # sequence samples with L > 64, several wide column blocks
     ((64,), 3, 4, 40),  # exactly the small-N limit
     ((2,), 3, 5, 37),  # <= 2 rows: B streamed row by row, ragged columns, K = E * r not a multiple of 4
-    ((9,), 3, 47, 530),  # token / causal: a [141, 530] bank operand (>= 256 KiB) streamed at 9 rows
+    ((8,), 3, 87, 1010),  # token / causal: a [261, 1010] bank operand (>= 1 MiB) streamed at 8 rows
 ]
 
 # the same for the CUDA kernels
