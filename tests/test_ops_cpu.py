@@ -131,9 +131,9 @@ def test_sequence_mode_is_batch_invariant(padding):
 
 @pytest.mark.parametrize("out", [40, 1100])
 def test_token_mode_rows_do_not_depend_on_the_batch(out):
-    # a token's delta has the same bits alone and among 2, 7 or 39 others: out = 40 (a small
-    # bank) takes gemm_stream up to 2 rows and the register-tiled gemm_small beyond; out = 1100
-    # (a [256, 1100] operand, over 1 MiB) streams up to 8 rows. Both sum over k in one order.
+    # a token's delta has the same bits alone and among 2, 7 or 39 others: up to 8 rows the
+    # mix reads the bank row by row (gemm_stream), beyond it the register-tiled gemm_small
+    # does; both sum over k in one order. out = 1100: several column pieces per thread.
     E, r = 4, 64
     g = torch.Generator().manual_seed(7)
     router = torch.randn(E, r, generator=g)

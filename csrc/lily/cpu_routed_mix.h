@@ -48,24 +48,17 @@ constexpr int64_t kBatchedPlanesBytes = int64_t(16) << 20;
 // (W kron h) form: E times the GEMM work, but no pass over the bank per group.
 constexpr int64_t kPerRowBackwardRows = 4;
 
-// Up to kStreamAlwaysRows rows of A, NN / TN products read B row by row (gemm_stream),
-// and up to kStreamRows rows where B is at least kStreamBytes (decode's bank, which
-// comes from memory: it is used once per layer and evicted by the base weights in
-// between). One thread, AVX2: 2-3x faster than gemm_small's column blocks at 1-2 rows
-// whether B is cached or not, 1.4-2.6x at 4-16 rows with B from memory; with B
-// cached gemm_small's register tiles tie at 4 rows and win from 8. Pieces of at most
-// kStreamCols columns, so that two threads get even shares of out = 1408 (six, not three).
-constexpr int64_t kStreamAlwaysRows = 2;
+// Up to kStreamRows rows of A, NN / TN products read B row by row (gemm_stream) rather
+// than down its columns (gemm_small). In a model B is a layer's weight (decode's bank),
+// read from the L3 cache or memory: one thread, AVX2, 1.2-2.2x faster at 1-8 rows from
+// memory, 2.5x at 8 rows in ONNX Runtime with 64 layers' banks in L3; gemm_small's
+// register tiles win only when the same B is reused while still in L2 (a loop over one
+// layer), and from 16 rows. Pieces of at most kStreamCols columns, so that two threads
+// get even shares of out = 1408 (six pieces, not three).
 constexpr int64_t kStreamRows = 8;
-constexpr int64_t kStreamBytes = int64_t(1) << 20;
 constexpr int64_t kStreamCols = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename T>
-bool streams_b(int64_t M, int64_t N, int64_t K) {
-  return M <= kStreamAlwaysRows || (M <= kStreamRows && K * N * int64_t(sizeof(T)) >= kStreamBytes);
-}
 
 // Scratch that is fully written before it is read: no zero-fill.
 template <typename T>
@@ -84,7 +77,7 @@ void matmul(const Backend& be, bool trans_a, bool trans_b, int64_t M, int64_t N,
       beta == T(0) && !(trans_a && trans_b) && (trans_b ? M <= kSmallRowsNT : (trans_a ? K : M) <= kSmallRows);
   if (!small) {
     be.gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  } else if (!trans_b && streams_b<T>(M, N, K)) {
+  } else if (!trans_b && M <= kStreamRows) {
     // Two pieces at least where there is work for a second thread; every C element is
     // summed in the same order whatever the pieces.
     const int64_t pieces = std::max(ceil_div(N, kStreamCols), std::min<int64_t>(2, N / 128));
@@ -214,11 +207,6 @@ void mix_grouped(const Backend& be, const MixShape& s, T scaling, const T* hidde
         const int64_t g = t / blocks, c0 = (t % blocks) * kWideCols;
         const int64_t width = std::min(kWideCols, out - c0);
         combine_bank(W + g * E, bank, E, r, out, 0, r, c0, width, comb.get(), kWideCols);
-        if (L <= kStreamAlwaysRows) {
-          gemm_stream(L, r, width, scaling, hidden + g * L * r, r, 1, comb.get(), kWideCols, delta + g * L * out + c0,
-                      out);
-          continue;
-        }
         for (int64_t c = 0; c < width; c += CB)
           gemm_small(L, r, std::min(CB, width - c), scaling, hidden + g * L * r, r, 1, comb.get() + c, kWideCols,
                      delta + g * L * out + c0 + c, out);

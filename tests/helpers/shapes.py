@@ -16,8 +16,8 @@ SHAPES = [
     ((130,), 5, 12, 70),  # past the small-N path, out not a multiple of the column block
     ((3, 70), 2, 9, 300),  # sequence samples with L > 64, several wide column blocks
     ((64,), 3, 4, 40),  # exactly the small-N limit
-    ((2,), 3, 5, 37),  # <= 2 rows: B streamed row by row, ragged columns, K = E * r not a multiple of 4
-    ((8,), 3, 87, 1010),  # token / causal: a [261, 1010] bank operand (>= 1 MiB) streamed at 8 rows
+    ((2,), 3, 5, 37),  # <= 8 rows: B streamed row by row, ragged columns, K = E * r not a multiple of 4
+    ((8,), 3, 87, 1010),  # token / causal: the bank streamed at 8 rows, several column pieces
 ]
 
 # the same for the CUDA kernels

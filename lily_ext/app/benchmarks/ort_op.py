@@ -14,6 +14,11 @@ op (no Einsum):
     Bc = Reshape(MatMul(w[1, E], Reshape(Bk, [E, r*out])), [r, out]);  delta = Mul(MatMul(h, Bc), s)
 
 Prints a markdown table of median microseconds per run (both graphs checked to agree first).
+
+A second table (CPU) is decode-sized: ``token`` routing, r=16 E=3 out=512 (the decoder benchmark's
+adapter) at 1 and 8 rows, 64 nodes per graph with weights of their own (6 MiB of banks, as a
+decoder's layers have), summed into one output so the per-run overhead is spread over 64 nodes:
+microseconds per node, ``RoutedMix`` vs the standard-op form ``MatMul(Reshape(P (x) h), Bk_flat)``.
 """
 
 import argparse
@@ -124,6 +129,90 @@ def cuda_sessions(custom_bytes, standard_bytes):
     return (custom, standard), None
 
 
+DECODE_R, DECODE_E, DECODE_OUT, DECODE_NODES = 16, 3, 512, 64
+
+
+def decode_graphs(rows, rng):
+    """(custom-op model, standard-op model) of DECODE_NODES token-mode mixes of one hidden, summed."""
+    r, E, out, K = DECODE_R, DECODE_E, DECODE_OUT, DECODE_NODES
+    h = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [rows, r])
+    total = helper.make_tensor_value_info("delta", TensorProto.FLOAT, [rows, out])
+    routers = [rng.standard_normal((E, r), dtype=np.float32) for _ in range(K)]
+    banks = [(rng.standard_normal((E, r, out), dtype=np.float32) / r**0.5).astype(np.float32) for _ in range(K)]
+    custom_nodes, custom_weights, std_nodes = [], [], []
+    std_weights = [
+        numpy_helper.from_array(np.array([rows, E, 1], np.int64), "p_shape"),
+        numpy_helper.from_array(np.array([rows, 1, r], np.int64), "h_shape"),
+        numpy_helper.from_array(np.array([rows, E * r], np.int64), "z_shape"),
+        numpy_helper.from_array(np.array(SCALING, np.float32), "scaling"),
+    ]
+    for k in range(K):
+        custom_weights += [
+            numpy_helper.from_array(routers[k], f"router_{k}"),
+            numpy_helper.from_array(banks[k], f"bank_{k}"),
+        ]
+        custom_nodes.append(
+            helper.make_node(
+                "RoutedMix",
+                ["hidden", f"router_{k}", f"bank_{k}"],
+                [f"delta_{k}"],
+                domain="lily",
+                mode="token",
+                scaling=SCALING,
+            )
+        )
+        std_weights += [
+            numpy_helper.from_array(routers[k].T.copy(), f"router_t_{k}"),
+            numpy_helper.from_array(banks[k].reshape(E * r, out), f"bank_flat_{k}"),
+        ]
+        std_nodes += [
+            helper.make_node("MatMul", ["hidden", f"router_t_{k}"], [f"logits_{k}"]),
+            helper.make_node("Softmax", [f"logits_{k}"], [f"probs_{k}"], axis=-1),
+            helper.make_node("Reshape", [f"probs_{k}", "p_shape"], [f"probs3_{k}"]),
+            helper.make_node("Mul", [f"probs3_{k}", "h3"], [f"kron3_{k}"]),
+            helper.make_node("Reshape", [f"kron3_{k}", "z_shape"], [f"kron_{k}"]),
+            helper.make_node("MatMul", [f"kron_{k}", f"bank_flat_{k}"], [f"mixed_{k}"]),
+            helper.make_node("Mul", [f"mixed_{k}", "scaling"], [f"delta_{k}"]),
+        ]
+    std_nodes.insert(0, helper.make_node("Reshape", ["hidden", "h_shape"], ["h3"]))
+    summed = helper.make_node("Sum", [f"delta_{k}" for k in range(K)], ["delta"])
+    models = []
+    for nodes, weights, opsets in (
+        (custom_nodes, custom_weights, [helper.make_opsetid("", OPSET), helper.make_opsetid("lily", 1)]),
+        (std_nodes, std_weights, [helper.make_opsetid("", OPSET)]),
+    ):
+        graph = helper.make_graph(nodes + [summed], "lily_decode", [h], [total], initializer=weights)
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
+        onnx.checker.check_model(model)
+        models.append(model.SerializeToString())
+    return models
+
+
+def decode_table(threads, budget, rng):
+    print(
+        f"\ndecode-sized, token mode, r={DECODE_R} E={DECODE_E} out={DECODE_OUT}, {DECODE_NODES} nodes per graph "
+        f"(weights of their own), intra_op_num_threads={threads or 'default'}; median us per node\n"
+    )
+    print("| rows | standard ONNX ops us | lily.RoutedMix us | speedup |")
+    print("|---:|---:|---:|---:|")
+    for rows in (1, 8):
+        custom_bytes, standard_bytes = decode_graphs(rows, rng)
+        custom = lily_ext.ort_session(custom_bytes, intra_op_num_threads=threads)
+        plain = ort.SessionOptions()
+        plain.intra_op_num_threads = threads
+        standard = ort.InferenceSession(standard_bytes, sess_options=plain, providers=["CPUExecutionProvider"])
+        feeds = {"hidden": rng.standard_normal((rows, DECODE_R), dtype=np.float32)}
+        a, b = standard.run(None, feeds)[0], custom.run(None, feeds)[0]
+        err = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
+        assert err < 1e-4, f"the two decode graphs disagree at {rows} rows: relative error {err:.2e}"
+        t_std, t_custom = [], []
+        for _ in range(5):  # alternate, so that a change in the machine's load falls on both
+            t_std.append(median_us(standard, feeds, budget / 5))
+            t_custom.append(median_us(custom, feeds, budget / 5))
+        t_std, t_custom = statistics.median(t_std) / DECODE_NODES, statistics.median(t_custom) / DECODE_NODES
+        print(f"| {rows} | {t_std:.1f} | {t_custom:.1f} | {t_std / t_custom:.2f}x |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT's default)")
@@ -161,6 +250,8 @@ def main(argv=None):
         assert err < 1e-4, f"the two graphs disagree at N={N}: relative error {err:.2e}"
         t_std, t_custom = median_us(standard, feeds, budget, device), median_us(custom, feeds, budget, device)
         print(f"| {N} | {t_std:.1f} | {t_custom:.1f} | {t_std / t_custom:.2f}x |")
+    if not device:
+        decode_table(args.threads, budget, rng)
 
 
 if __name__ == "__main__":
