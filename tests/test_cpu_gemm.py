@@ -1,5 +1,6 @@
-"""The portable blocked GEMM of the ORT library (csrc/lily/cpu_gemm.h), checked by a C++ program
-(tests/cpp/gemm_check.cpp) built with the host compiler, once per micro-kernel this host can run."""
+"""The portable blocked GEMM of the ORT library (csrc/lily/cpu_gemm.h) and the small-N products of
+csrc/lily/cpu_primitives.h, checked by C++ programs (tests/cpp/gemm_check.cpp,
+tests/cpp/small_gemm_check.cpp) built with the host compiler, once per micro-kernel this host can run."""
 
 import subprocess
 
@@ -23,6 +24,27 @@ def test_blocked_gemm_matches_float64(variant, tmp_path):
         f"-I{ROOT}/csrc",
         f"{ROOT}/tests/cpp/gemm_check.cpp",
         f"{ROOT}/csrc/lily/cpu_gemm.cpp",
+        "-o",
+        str(exe),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("variant", ["dispatched", "generic"])
+def test_small_products_match_float64_and_each_other(variant, tmp_path):
+    # gemm_stream against float64, and bit for bit against gemm_small (same order over k)
+    exe = tmp_path / "small_gemm_check"
+    cmd = [
+        cxx_compiler(),
+        "-O2",
+        "-std=c++17",
+        "-Wno-psabi",
+        *VARIANTS[variant],
+        f"-I{ROOT}/csrc",
+        f"{ROOT}/tests/cpp/small_gemm_check.cpp",
+        f"{ROOT}/csrc/lily/cpu_primitives.cpp",
         "-o",
         str(exe),
     ]

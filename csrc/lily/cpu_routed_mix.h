@@ -78,6 +78,7 @@ void matmul(const Backend& be, bool trans_a, bool trans_b, int64_t M, int64_t N,
   if (!small) {
     be.gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   } else if (!trans_b && M <= kStreamRows) {
+    if (N == 0) return;
     // Two pieces at least where there is work for a second thread; every C element is
     // summed in the same order whatever the pieces.
     const int64_t pieces = std::max(ceil_div(N, kStreamCols), std::min<int64_t>(2, N / 128));
