@@ -13,41 +13,32 @@ pytestmark = pytest.mark.cpp  # (skipped without a C++ compiler, tests/conftest.
 VARIANTS = {"dispatched": [], "no-avx512": ["-DLILY_GEMM_NO_AVX512"], "generic": ["-DLILY_NO_MULTIVERSION"]}
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_blocked_gemm_matches_float64(variant, tmp_path):
-    exe = tmp_path / "gemm_check"
-    cmd = [
-        cxx_compiler(),
-        "-O2",
-        "-std=c++17",
-        *VARIANTS[variant],
-        f"-I{ROOT}/csrc",
-        f"{ROOT}/tests/cpp/gemm_check.cpp",
-        f"{ROOT}/csrc/lily/cpu_gemm.cpp",
-        "-o",
-        str(exe),
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
-
-
-@pytest.mark.parametrize("variant", ["dispatched", "generic"])
-def test_small_products_match_float64_and_each_other(variant, tmp_path):
-    # gemm_stream against float64, and bit for bit against gemm_small (same order over k)
-    exe = tmp_path / "small_gemm_check"
+def run_check(tmp_path, program, library, defines):
+    """Builds tests/cpp/<program>.cpp with csrc/lily/<library>.cpp and runs it: it must print "ok"."""
+    exe = tmp_path / program
     cmd = [
         cxx_compiler(),
         "-O2",
         "-std=c++17",
         "-Wno-psabi",
-        *VARIANTS[variant],
+        *defines,
         f"-I{ROOT}/csrc",
-        f"{ROOT}/tests/cpp/small_gemm_check.cpp",
-        f"{ROOT}/csrc/lily/cpu_primitives.cpp",
+        f"{ROOT}/tests/cpp/{program}.cpp",
+        f"{ROOT}/csrc/lily/{library}.cpp",
         "-o",
         str(exe),
     ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_blocked_gemm_matches_float64(variant, tmp_path):
+    run_check(tmp_path, "gemm_check", "cpu_gemm", VARIANTS[variant])
+
+
+@pytest.mark.parametrize("variant", ["dispatched", "generic"])
+def test_small_products_match_float64_and_each_other(variant, tmp_path):
+    # gemm_stream against float64, and bit for bit against gemm_small (same order over k)
+    run_check(tmp_path, "small_gemm_check", "cpu_primitives", VARIANTS[variant])
