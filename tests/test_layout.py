@@ -2,6 +2,7 @@
 (counting imports deferred into functions, which hide a cycle rather than remove it)."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,10 +80,42 @@ def modules_the_package_does_not_import():
     return [n for n in module_names() if n not in loaded and not n.endswith("__main__")]
 
 
+# Imports torch once (four of the ~4.5 s each fresh interpreter would take), then forks a child per
+# module that imports it as the process's first lily_ext module; prints the names that failed.
+IMPORT_EACH_IN_A_FORK = """
+import os, sys, traceback
+import torch
+assert not [m for m in sys.modules if m.startswith("lily_ext")], "the parent imported lily_ext"
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            __import__(name)
+        except BaseException:
+            print(f"import {name}:", file=sys.stderr)
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    if os.waitpid(pid, 0)[1] != 0:
+        failed.append(name)
+print(" ".join(failed))
+"""
+
+
 @pytest.mark.slow
 def test_every_module_imports_alone():
     names = modules_the_package_does_not_import()
     assert "lily_ext.app.cli" in names and "lily_ext.hf" in names  # the listing works
+    if hasattr(os, "fork"):
+        result = subprocess.run(
+            [sys.executable, "-c", IMPORT_EACH_IN_A_FORK, *names], capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split() == [], f"these do not import alone: {result.stdout}\n{result.stderr[-3000:]}"
+        return
     for name in names:
         result = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"import {name}:\n{result.stderr[-2000:]}"

@@ -23,6 +23,35 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__)
+// emu_switch(void** from, void* to), the fibers' stack switch (include/emu.h): the System V
+// callee-saved registers go onto the current stack, whose pointer is stored in *from; the
+// stack at `to` gets its registers back and returns to where it switched away (or, new, into
+// Fibers::entry).
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+#endif
+
 namespace {
 
 bool g_tf32 = false;  // the GEMM in progress rounds float32 inputs to TF32

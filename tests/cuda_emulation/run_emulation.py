@@ -6,7 +6,7 @@ The kernel sources csrc/cuda/*.cu are compiled unchanged by the host C++ compile
 except for two mechanical rewrites: `kernel<<<grid, block, smem, stream>>>(args)`
 becomes `::emu::launch(grid, block, smem, stream, &kernel, args)` and the
 `extern __shared__` dynamic shared-memory declaration becomes a pointer to the
-emulated block's buffer. include/emu.h then runs every CUDA thread as an OS thread
+emulated block's buffer. include/emu.h then runs every CUDA thread as a fiber
 with real barriers (see there). The harness compares forward and backward against
 the CPU implementation in float64. Needs g++ (C++20), the CUDA toolkit headers and
 the cuBLAS headers (toolkit or the nvidia pip wheels); no CUDA library is linked.

@@ -132,6 +132,15 @@ def cuda_sessions(custom_bytes, standard_bytes):
 DECODE_R, DECODE_E, DECODE_OUT, DECODE_NODES = 16, 3, 512, 64
 
 
+def cpu_sessions(custom_bytes, standard_bytes, threads):
+    """The custom-op graph (our library registered) and the standard-op graph on the CPU EP."""
+    custom = lily_ext.ort_session(custom_bytes, intra_op_num_threads=threads)
+    plain = ort.SessionOptions()
+    plain.intra_op_num_threads = threads
+    standard = ort.InferenceSession(standard_bytes, sess_options=plain, providers=["CPUExecutionProvider"])
+    return custom, standard
+
+
 def decode_graphs(rows, rng):
     """(custom-op model, standard-op model) of DECODE_NODES token-mode mixes of one hidden, summed."""
     r, E, out, K = DECODE_R, DECODE_E, DECODE_OUT, DECODE_NODES
@@ -197,10 +206,7 @@ def decode_table(threads, budget, rng):
     print("|---:|---:|---:|---:|")
     for rows in (1, 8):
         custom_bytes, standard_bytes = decode_graphs(rows, rng)
-        custom = lily_ext.ort_session(custom_bytes, intra_op_num_threads=threads)
-        plain = ort.SessionOptions()
-        plain.intra_op_num_threads = threads
-        standard = ort.InferenceSession(standard_bytes, sess_options=plain, providers=["CPUExecutionProvider"])
+        custom, standard = cpu_sessions(custom_bytes, standard_bytes, threads)
         feeds = {"hidden": rng.standard_normal((rows, DECODE_R), dtype=np.float32)}
         a, b = standard.run(None, feeds)[0], custom.run(None, feeds)[0]
         err = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
@@ -233,11 +239,7 @@ def main(argv=None):
         custom, standard = sessions
         where = "CUDA EP (IO binding, data on the GPU)"
     else:
-        options = {"intra_op_num_threads": args.threads}
-        custom = lily_ext.ort_session(custom_bytes, **options)
-        plain = ort.SessionOptions()
-        plain.intra_op_num_threads = args.threads
-        standard = ort.InferenceSession(standard_bytes, sess_options=plain, providers=["CPUExecutionProvider"])
+        custom, standard = cpu_sessions(custom_bytes, standard_bytes, args.threads)
         where = f"CPU EP, intra_op_num_threads={args.threads or 'default'}"
     print(f"onnxruntime {ort.__version__}, {where}, batch mode, r={R} E={E} out={OUT}; median us per run")
     print()

@@ -1,9 +1,16 @@
 // A CPU emulation of the CUDA execution model, just enough to run the
 // project's kernels (csrc/cuda/*.cu) unchanged on a machine without a GPU:
-// every CUDA thread is an OS thread, blocks run one after another, and
-// __syncthreads / __syncwarp / warp shuffles are real barriers and exchanges,
-// so index math, bounds, barrier placement and warp-level reductions are
-// exercised as written. WMMA fragments hold the whole 16 x 16 tile per thread.
+// every CUDA thread is a fiber (its own stack, ucontext) on the calling thread,
+// blocks run one after another, and __syncthreads / __syncwarp / warp shuffles
+// are real barriers and exchanges, so index math, bounds, barrier placement and
+// warp-level reductions are exercised as written. A fiber runs until it waits at
+// a barrier or exits; blocks alternate the fibers' order (first to last, last to
+// first; launches and blocks alternate), so a read of another thread's write that lacks a barrier sees stale
+// (NaN) data in one of the two orders, not at random; threads that wait at a
+// barrier the others never reach stop the run with a message (a GPU would hang).
+// Fibers, not OS threads: barrier hand-offs between hundreds of OS threads on two
+// cores cost the kernel far more time than the emulation itself.
+// WMMA fragments hold the whole 16 x 16 tile per thread.
 // Force-included (-include emu.h) into the transformed kernel sources.
 #pragma once
 
@@ -13,18 +20,17 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <sys/mman.h>
+#include <ucontext.h>
+
 #include <algorithm>
-#include <barrier>
-#include <condition_variable>
 #include <functional>
-#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -50,16 +56,155 @@
 
 namespace emu {
 
-struct Block {
-  explicit Block(int threads)
-      : bar(threads), warps(static_cast<size_t>((threads + 31) / 32)), slots(warps.size() * 32) {
-    for (size_t w = 0; w < warps.size(); ++w) {
-      const int n = std::min(32, threads - static_cast<int>(w) * 32);
-      warps[w] = std::make_unique<std::barrier<>>(n);
+inline uint64_t g_progress = 0;  // barrier arrivals and exits: a round of fibers without any is a deadlock
+
+#if defined(__x86_64__)
+// emu_runtime.cpp: pushes the callee-saved registers, stores the stack pointer in *from, and
+// resumes the stack at `to` (pops its registers, returns there). A few instructions, where
+// swapcontext also saves and restores the signal mask (two system calls per switch).
+extern "C" void emu_switch(void** from, void* to);
+#endif
+
+// Runs a block's CUDA threads as fibers on the calling thread.
+class Fibers {
+ public:
+  static constexpr size_t kStack = 256 * 1024, kGuard = 4096;
+
+  // task(t) for t in [0, threads): each fiber runs until it yields (waiting at a barrier) or
+  // returns; rounds go first to last (or last to first) until all have returned.
+  void run(int threads, const std::function<void(int)>& task, bool reverse, uint3* thread_index) {
+    grow(threads);
+    task_ = &task;
+    for (int t = 0; t < threads; ++t) start(t);
+    for (int live = threads; live > 0;) {
+      const uint64_t before = g_progress;
+      for (int i = 0; i < threads; ++i) {
+        const int t = reverse ? threads - 1 - i : i;
+        if (finished_[t]) continue;
+        current_ = t;
+        *thread_index = uint3{static_cast<unsigned>(t), 0, 0};
+        resume(t);
+        if (finished_[t]) --live;
+      }
+      if (live > 0 && g_progress == before) {
+        std::fprintf(stderr, "emu: deadlock: %d of %d threads wait at a barrier the others never reach\n", live,
+                     threads);
+        std::abort();
+      }
     }
   }
-  std::barrier<> bar;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+
+  // Back to the scheduler (from a fiber waiting at a barrier, or one that has returned).
+  void yield() {
+#if defined(__x86_64__)
+    emu_switch(&sp_[current_], scheduler_sp_);
+#else
+    swapcontext(&contexts_[current_], &scheduler_);
+#endif
+  }
+
+ private:
+  static void entry();
+
+  void start(int t) {
+    finished_[t] = false;
+#if defined(__x86_64__)
+    // The first switch pops six zero registers and returns into entry(), whose own return
+    // address slot (never used) keeps the stack aligned as at a call.
+    void** p = reinterpret_cast<void**>(stacks_[t] + kStack);
+    *--p = nullptr;
+    *--p = reinterpret_cast<void*>(&Fibers::entry);
+    for (int i = 0; i < 6; ++i) *--p = nullptr;
+    sp_[t] = p;
+#else
+    getcontext(&contexts_[t]);
+    contexts_[t].uc_stack.ss_sp = stacks_[t];
+    contexts_[t].uc_stack.ss_size = kStack;
+    contexts_[t].uc_link = nullptr;
+    makecontext(&contexts_[t], &Fibers::entry, 0);
+#endif
+  }
+
+  void resume(int t) {
+#if defined(__x86_64__)
+    emu_switch(&scheduler_sp_, sp_[t]);
+#else
+    swapcontext(&scheduler_, &contexts_[t]);
+#endif
+  }
+
+  void grow(int threads) {
+    while (static_cast<int>(stacks_.size()) < threads) {
+      // a guard page below each stack: an overflow faults instead of writing into a neighbour
+      void* p =
+          mmap(nullptr, kStack + kGuard, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED || mprotect(p, kGuard, PROT_NONE) != 0) {
+        std::fprintf(stderr, "emu: cannot map a fiber stack\n");
+        std::abort();
+      }
+      stacks_.push_back(static_cast<char*>(p) + kGuard);
+    }
+    sp_.resize(stacks_.size());
+    contexts_.resize(stacks_.size());
+    finished_.resize(stacks_.size());
+  }
+
+  std::vector<char*> stacks_;
+  std::vector<void*> sp_;  // x86-64: each fiber's saved stack pointer
+  void* scheduler_sp_ = nullptr;
+  std::vector<ucontext_t> contexts_;  // elsewhere: ucontext
+  ucontext_t scheduler_{};
+  std::vector<char> finished_;
+  const std::function<void(int)>* task_ = nullptr;
+  int current_ = 0;
+};
+
+inline Fibers& fibers() {
+  static Fibers f;
+  return f;
+}
+
+// A fiber's first frame: runs its thread of the block, then hands back for good.
+inline void Fibers::entry() {
+  Fibers& f = fibers();
+  const int t = f.current_;
+  (*f.task_)(t);
+  f.finished_[t] = true;
+  ++g_progress;
+  f.yield();  // never resumed
+  std::abort();
+}
+
+// std::barrier's arrive_and_wait / arrive_and_drop for fibers.
+struct Barrier {
+  explicit Barrier(int n) : expected(n), pending(n) {}
+  void arrive() {
+    ++g_progress;
+    if (--pending == 0) {
+      pending = expected;
+      ++phase;
+    }
+  }
+  void arrive_and_wait() {
+    const uint64_t mine = phase;
+    arrive();
+    while (phase == mine) fibers().yield();
+  }
+  // leaves: later phases wait for one thread fewer (the current one counts it as arrived)
+  void arrive_and_drop() {
+    --expected;
+    arrive();
+  }
+  int expected, pending;
+  uint64_t phase = 0;
+};
+
+struct Block {
+  explicit Block(int threads) : bar(threads), slots(static_cast<size_t>((threads + 31) / 32) * 32) {
+    for (int w = 0; w * 32 < threads; ++w) warps.emplace_back(std::min(32, threads - w * 32));
+  }
+  Barrier bar;
+  std::vector<Barrier> warps;
   std::vector<uint64_t> slots;  // one 8-byte exchange slot per thread
   std::vector<unsigned char> dynamic_smem;
 };
@@ -87,65 +232,6 @@ inline void set_error(cudaError_t e, bool sticky) {
 
 inline unsigned char* dynamic_smem() { return tl_current->dynamic_smem.data(); }
 
-// Persistent workers, one per CUDA thread of a block (thread creation would
-// dominate the run time otherwise).
-class Pool {
- public:
-  void run(int threads, const std::function<void(int)>& task) {
-    while (static_cast<int>(workers_.size()) < threads) {
-      const int index = static_cast<int>(workers_.size());
-      workers_.emplace_back([this, index] { loop(index); });
-    }
-    std::unique_lock<std::mutex> lock(mutex_);
-    task_ = &task;
-    active_ = threads;
-    remaining_ = threads;
-    ++generation_;
-    start_.notify_all();
-    done_.wait(lock, [this] { return remaining_ == 0; });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-      ++generation_;
-    }
-    start_.notify_all();
-    for (auto& w : workers_) w.join();
-  }
-
- private:
-  void loop(int index) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* task;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        start_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (stop_) return;
-        if (index >= active_) continue;
-        task = task_;
-      }
-      (*task)(index);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--remaining_ == 0) done_.notify_one();
-    }
-  }
-  std::vector<std::thread> workers_;
-  std::mutex mutex_;
-  std::condition_variable start_, done_;
-  const std::function<void(int)>* task_ = nullptr;
-  uint64_t generation_ = 0;
-  int active_ = 0, remaining_ = 0;
-  bool stop_ = false;
-};
-
-inline Pool& pool() {
-  static Pool p;
-  return p;
-}
-
 template <typename... P, typename... Args>
 void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*kernel)(P...), Args&&... args) {
   const std::tuple<P...> params(std::forward<Args>(args)...);
@@ -172,16 +258,15 @@ void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*kernel)(P..
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         Block b(threads);
         b.dynamic_smem.assign(smem + 16, 0xFF);  // NaN bytes: reads before writes show up
+        tl_block = uint3{bx, by, bz};
+        tl_current = &b;
         const std::function<void(int)> task = [&](int t) {
-          tl_thread = uint3{static_cast<unsigned>(t), 0, 0};
-          tl_block = uint3{bx, by, bz};
-          tl_current = &b;
           std::apply(kernel, params);
           // an exited thread no longer holds up barriers (as on the GPU)
-          b.warps[static_cast<size_t>(t / 32)]->arrive_and_drop();
+          b.warps[static_cast<size_t>(t / 32)].arrive_and_drop();
           b.bar.arrive_and_drop();
         };
-        pool().run(threads, task);
+        fibers().run(threads, task, ((g_launches + bx + by + bz) & 1) != 0, &tl_thread);
         g_threads += threads;
       }
 }
@@ -201,7 +286,7 @@ int64_t emu_thread_count();
 
 inline void __syncthreads() { emu::tl_current->bar.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) {
-  emu::tl_current->warps[static_cast<size_t>(emu::thread_rank() / 32)]->arrive_and_wait();
+  emu::tl_current->warps[static_cast<size_t>(emu::thread_rank() / 32)].arrive_and_wait();
 }
 
 template <typename V>
