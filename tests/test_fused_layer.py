@@ -98,6 +98,38 @@ def test_flat_bank_and_no_bias():
     )
 
 
+@pytest.mark.parametrize("backward", ["lily_linear_backward", "_lily_linear_backward_composed"])
+def test_gradients_are_summed_in_place(backward):
+    # A gradient returned as a tracked view of a temporary keeps that temporary alive: autograd then
+    # sums the next gradient of the same tensor (a bank shared by a target's layers, the input that q,
+    # k and v read) into a new tensor (aten::add) instead of into it (aten::add_).
+    x, weight, _, A, router, bank = make_inputs((2, 5), "batch")
+    flat = bank.reshape(E * R, OUT)  # the model's layout: lily_B's weight
+    y, hidden = torch.ops.lily.lily_linear_forward(x, weight, None, A, router, flat, 0.5, "batch", None)
+    grads = getattr(torch.ops.lily, backward)(
+        torch.randn_like(y), x, hidden, weight, A, router, flat, 0.5, "batch", None, [True, False, False, True]
+    )
+    for name, g in zip(["dx", "dweight", "dbias", "dA", "drouter", "dbank"], grads):
+        assert not g._is_view(), name
+    assert grads[0].shape == x.shape and grads[5].shape == flat.shape
+
+    x, flat = x.requires_grad_(), flat.detach().requires_grad_()
+    r2 = router.flip(0)
+    ys = [lily_linear(x, weight, None, A, r, flat, scaling=0.5, mode="batch") for r in (router, r2, router)]
+    with torch.profiler.profile() as prof:
+        torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+    names = [e.name for e in prof.events()]
+    assert "aten::add" not in names and names.count("aten::add_") >= 4, names  # 2 sums each for x and bank
+    ref_x, ref_bank = x.detach().double().requires_grad_(), flat.detach().double().requires_grad_()
+    refs = [
+        reference(ref_x, weight, None, A, r, ref_bank.reshape(E, R, OUT), 0.5, "batch", None)
+        for r in (router, r2, router)
+    ]
+    torch.autograd.backward(refs, [torch.ones_like(y) for y in refs])
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flat.grad.double(), ref_bank.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_no_grad_equals_grad_path():
     x, weight, bias, A, router, bank = make_inputs((3, 4), "batch")
     with torch.no_grad():

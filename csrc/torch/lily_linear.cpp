@@ -197,8 +197,10 @@ BaseGrads base_backward(const at::Tensor& grad, const at::Tensor& x, const at::T
                     lily::dims_str(hidden.sizes().vec()));
   g.G2 = grad.reshape({-1, out});
   g.x2 = x.reshape({-1, in});
-  // gradients not asked for: distinct empty tensors (outputs never alias)
-  g.dx = needs[0] ? at::mm(g.G2, weight).view(x.sizes()) : x.new_empty({0});
+  // gradients not asked for: distinct empty tensors (outputs never alias). Reshaped gradients are
+  // _unsafe_view, not view: a tracked view keeps its temporary base alive, and autograd then cannot
+  // sum another gradient into it in place (a layer's dx, a bank shared by layers: a new tensor each).
+  g.dx = needs[0] ? at::_unsafe_view(at::mm(g.G2, weight), x.sizes()) : x.new_empty({0});
   g.dweight = needs[1] ? at::mm(g.G2.t(), g.x2) : x.new_empty({0});
   g.dbias = needs[2] ? g.G2.sum(0) : x.new_empty({0});
   return g;
@@ -230,8 +232,9 @@ Grads lily_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, cons
   });
   if (needs[0] && !dx_in_place) g.dx.add_(dxc);
   const auto adt = A.scalar_type();
-  return {
-      g.dx, g.dweight, g.dbias, needs[3] ? dA.to(adt) : x.new_empty({0}), dR.to(adt), dB.to(adt).view(bank.sizes())};
+  return {g.dx,       g.dweight,
+          g.dbias,    needs[3] ? dA.to(adt) : x.new_empty({0}),
+          dR.to(adt), at::_unsafe_view(dB.to(adt), bank.sizes())};
 }
 
 // ---- composed kernels: any device with routed_mix kernels (CUDA: the lily CUDA kernels + cuBLAS) ----
@@ -283,9 +286,9 @@ Grads lily_linear_backward_composed(const at::Tensor& grad, const at::Tensor& x,
   const auto adt = A.scalar_type();
   auto [dh, dR, dB] = call_routed_mix_backward(grad.to(adt), hidden, router, g.call.bank, scaling, mode, mask);
   const at::Tensor dh2 = dh.reshape({-1, g.call.s.rank});
-  if (needs[0]) g.dx.add_(at::mm(dh2, A).view(x.sizes()));
+  if (needs[0]) g.dx.add_(at::mm(dh2, A).view(x.sizes()));  // (a temporary: a view is fine)
   at::Tensor dA = needs[3] ? at::mm(dh2.t(), g.x2.to(adt)) : x.new_empty({0});
-  return {g.dx, g.dweight, g.dbias, dA, dR, dB.view(bank.sizes())};
+  return {g.dx, g.dweight, g.dbias, dA, dR, at::_unsafe_view(dB, bank.sizes())};
 }
 
 // ---- autograd ----
