@@ -7,16 +7,14 @@ median milliseconds and GFLOP/s for the GEMM shapes of routed_mix at N=4096, r=1
 """
 
 import argparse
-import os
-import shutil
 import statistics
 import subprocess
 import tempfile
 import time
 
 import torch
+from native_build import build_program
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (label, M, N, K, trans_a, trans_b)
 SHAPES = [
     ("h @ Bc (fwd, batch)", 4096, 1024, 128, False, False),
@@ -44,25 +42,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        raise SystemExit("no C++ compiler on PATH")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        exe = os.path.join(tmp, "gemm_bench")
-        subprocess.run(
-            [
-                cxx,
-                "-O3",
-                "-std=c++17",
-                f"-I{ROOT}/csrc",
-                f"{ROOT}/benchmarks/cpp/gemm_bench.cpp",
-                f"{ROOT}/csrc/lily/cpu_gemm.cpp",
-                "-o",
-                exe,
-            ],
-            check=True,
-        )
+        exe = build_program(tmp, "gemm_bench", "cpu_gemm", ["-O3"])
         rows = []
         for label, M, N, K, ta, tb in SHAPES:
             out = subprocess.run(

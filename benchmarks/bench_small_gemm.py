@@ -10,12 +10,11 @@ also reports their largest difference, which must be 0.
 """
 
 import argparse
-import os
-import shutil
 import subprocess
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from native_build import build_program
+
 # (label, K, N): the ORT decoder benchmark's r = 16, E = 3 on out = 512; the fused_layer
 # benchmark's r = 128, E = 4 on q_proj (out = 512) and gate_proj (out = 1408).
 SHAPES = [("r=16 E=3 out=512", 48, 512), ("r=128 E=4 out=512", 512, 512), ("r=128 E=4 out=1408", 512, 1408)]
@@ -23,22 +22,12 @@ ROWS = [1, 2, 4, 8, 16]
 MEMORY_BYTES = 96 << 20
 
 
-def build(tmp):
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise SystemExit("no C++ compiler found (set CXX)")
-    exe = os.path.join(tmp, "small_gemm_bench")
-    sources = [f"{ROOT}/benchmarks/cpp/small_gemm_bench.cpp", f"{ROOT}/csrc/lily/cpu_primitives.cpp"]
-    subprocess.run([compiler, "-O2", "-std=c++17", "-Wno-psabi", f"-I{ROOT}/csrc", *sources, "-o", exe], check=True)
-    return exe
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        exe = build(tmp)
+        exe = build_program(tmp, "small_gemm_bench", "cpu_primitives", ["-O2", "-Wno-psabi"])
         print("| K x N | M | B | gemm_small us | gemm_stream us | small / stream | max diff |")
         print("|---|---:|---|---:|---:|---:|---:|")
         for label, K, N in SHAPES:

@@ -98,11 +98,11 @@ def test_flat_bank_and_no_bias():
     )
 
 
+# A gradient returned as a tracked view of a temporary keeps that temporary alive: autograd then sums
+# the next gradient of the same tensor (a bank shared by a target's layers, the input that q, k and v
+# read) into a new tensor (aten::add) instead of into it (aten::add_).
 @pytest.mark.parametrize("backward", ["lily_linear_backward", "_lily_linear_backward_composed"])
-def test_gradients_are_summed_in_place(backward):
-    # A gradient returned as a tracked view of a temporary keeps that temporary alive: autograd then
-    # sums the next gradient of the same tensor (a bank shared by a target's layers, the input that q,
-    # k and v read) into a new tensor (aten::add) instead of into it (aten::add_).
+def test_backward_returns_no_views(backward):
     x, weight, _, A, router, bank = make_inputs((2, 5), "batch")
     flat = bank.reshape(E * R, OUT)  # the model's layout: lily_B's weight
     y, hidden = torch.ops.lily.lily_linear_forward(x, weight, None, A, router, flat, 0.5, "batch", None)
@@ -113,18 +113,18 @@ def test_gradients_are_summed_in_place(backward):
         assert not g._is_view(), name
     assert grads[0].shape == x.shape and grads[5].shape == flat.shape
 
-    x, flat = x.requires_grad_(), flat.detach().requires_grad_()
-    r2 = router.flip(0)
-    ys = [lily_linear(x, weight, None, A, r, flat, scaling=0.5, mode="batch") for r in (router, r2, router)]
+
+def test_gradients_are_summed_in_place():
+    x, weight, _, A, router, bank = make_inputs((2, 5), "batch")
+    x, flat = x.requires_grad_(), bank.reshape(E * R, OUT).requires_grad_()
+    routers = (router, router.flip(0), router)
+    ys = [lily_linear(x, weight, None, A, r, flat, scaling=0.5, mode="batch") for r in routers]
     with torch.profiler.profile() as prof:
         torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
     names = [e.name for e in prof.events()]
     assert "aten::add" not in names and names.count("aten::add_") >= 4, names  # 2 sums each for x and bank
     ref_x, ref_bank = x.detach().double().requires_grad_(), flat.detach().double().requires_grad_()
-    refs = [
-        reference(ref_x, weight, None, A, r, ref_bank.reshape(E, R, OUT), 0.5, "batch", None)
-        for r in (router, r2, router)
-    ]
+    refs = [reference(ref_x, weight, None, A, r, ref_bank.reshape(E, R, OUT), 0.5, "batch", None) for r in routers]
     torch.autograd.backward(refs, [torch.ones_like(y) for y in refs])
     torch.testing.assert_close(x.grad.double(), ref_x.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flat.grad.double(), ref_bank.grad, atol=1e-5, rtol=1e-5)

@@ -232,9 +232,8 @@ Grads lily_linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, cons
   });
   if (needs[0] && !dx_in_place) g.dx.add_(dxc);
   const auto adt = A.scalar_type();
-  return {g.dx,       g.dweight,
-          g.dbias,    needs[3] ? dA.to(adt) : x.new_empty({0}),
-          dR.to(adt), at::_unsafe_view(dB.to(adt), bank.sizes())};
+  const at::Tensor dbank = at::_unsafe_view(dB.to(adt), bank.sizes());
+  return {g.dx, g.dweight, g.dbias, needs[3] ? dA.to(adt) : x.new_empty({0}), dR.to(adt), dbank};
 }
 
 // ---- composed kernels: any device with routed_mix kernels (CUDA: the lily CUDA kernels + cuBLAS) ----

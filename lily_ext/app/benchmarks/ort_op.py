@@ -36,6 +36,21 @@ R, E, OUT, SCALING = 128, 4, 1024, 0.5
 IR_VERSION, OPSET = 10, 18
 
 
+def serialized(graph, custom):
+    """The checked model's bytes; custom: it imports the lily domain too."""
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("lily", 1)] if custom else [])
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def check_agree(standard, custom, feeds, what):
+    """Both sessions give the same delta (relative 1e-4) before anything is timed."""
+    a, b = standard.run(None, feeds)[0], custom.run(None, feeds)[0]
+    err = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
+    assert err < 1e-4, f"the two graphs disagree at {what}: relative error {err:.2e}"
+
+
 def graphs(router, bank):
     """(custom-op model, standard-op model) as serialized bytes."""
     h = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", R])
@@ -72,15 +87,7 @@ def graphs(router, bank):
         helper.make_node("Mul", ["mixed", "scaling"], ["delta"]),
     ]
     standard = helper.make_graph(nodes, "lily_standard", [h], [delta], initializer=weights + consts)
-    models = []
-    for graph, opsets in (
-        (custom, [helper.make_opsetid("", OPSET), helper.make_opsetid("lily", 1)]),
-        (standard, [helper.make_opsetid("", OPSET)]),
-    ):
-        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
-        onnx.checker.check_model(model)
-        models.append(model.SerializeToString())
-    return models
+    return serialized(custom, True), serialized(standard, False)
 
 
 def median_us(session, feeds, budget_s, device=False):
@@ -185,16 +192,9 @@ def decode_graphs(rows, rng):
         ]
     std_nodes.insert(0, helper.make_node("Reshape", ["hidden", "h_shape"], ["h3"]))
     summed = helper.make_node("Sum", [f"delta_{k}" for k in range(K)], ["delta"])
-    models = []
-    for nodes, weights, opsets in (
-        (custom_nodes, custom_weights, [helper.make_opsetid("", OPSET), helper.make_opsetid("lily", 1)]),
-        (std_nodes, std_weights, [helper.make_opsetid("", OPSET)]),
-    ):
-        graph = helper.make_graph(nodes + [summed], "lily_decode", [h], [total], initializer=weights)
-        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
-        onnx.checker.check_model(model)
-        models.append(model.SerializeToString())
-    return models
+    custom = helper.make_graph(custom_nodes + [summed], "lily_decode", [h], [total], initializer=custom_weights)
+    standard = helper.make_graph(std_nodes + [summed], "lily_decode", [h], [total], initializer=std_weights)
+    return serialized(custom, True), serialized(standard, False)
 
 
 def decode_table(threads, budget, rng):
@@ -208,9 +208,7 @@ def decode_table(threads, budget, rng):
         custom_bytes, standard_bytes = decode_graphs(rows, rng)
         custom, standard = cpu_sessions(custom_bytes, standard_bytes, threads)
         feeds = {"hidden": rng.standard_normal((rows, DECODE_R), dtype=np.float32)}
-        a, b = standard.run(None, feeds)[0], custom.run(None, feeds)[0]
-        err = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
-        assert err < 1e-4, f"the two decode graphs disagree at {rows} rows: relative error {err:.2e}"
+        check_agree(standard, custom, feeds, f"{rows} rows (decode)")
         t_std, t_custom = [], []
         for _ in range(5):  # alternate, so that a change in the machine's load falls on both
             t_std.append(median_us(standard, feeds, budget / 5))
@@ -247,9 +245,7 @@ def main(argv=None):
     print("|---:|---:|---:|---:|")
     for N in (1, 16, 64, 4096):
         feeds = {"hidden": rng.standard_normal((N, R), dtype=np.float32)}
-        a, b = standard.run(None, feeds)[0], custom.run(None, feeds)[0]
-        err = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
-        assert err < 1e-4, f"the two graphs disagree at N={N}: relative error {err:.2e}"
+        check_agree(standard, custom, feeds, f"N={N}")
         t_std, t_custom = median_us(standard, feeds, budget, device), median_us(custom, feeds, budget, device)
         print(f"| {N} | {t_std:.1f} | {t_custom:.1f} | {t_std / t_custom:.2f}x |")
     if not device:

@@ -1,13 +1,13 @@
 // A CPU emulation of the CUDA execution model, just enough to run the
 // project's kernels (csrc/cuda/*.cu) unchanged on a machine without a GPU:
-// every CUDA thread is a fiber (its own stack, ucontext) on the calling thread,
-// blocks run one after another, and __syncthreads / __syncwarp / warp shuffles
-// are real barriers and exchanges, so index math, bounds, barrier placement and
-// warp-level reductions are exercised as written. A fiber runs until it waits at
-// a barrier or exits; blocks alternate the fibers' order (first to last, last to
-// first; launches and blocks alternate), so a read of another thread's write that lacks a barrier sees stale
-// (NaN) data in one of the two orders, not at random; threads that wait at a
-// barrier the others never reach stop the run with a message (a GPU would hang).
+// every CUDA thread is a fiber (its own stack) on the calling thread, blocks
+// run one after another, and __syncthreads / __syncwarp / warp shuffles are real
+// barriers and exchanges, so index math, bounds, barrier placement and warp-level
+// reductions are exercised as written. A fiber runs until it waits at a barrier or
+// exits. Successive blocks and launches run their fibers first to last, then last
+// to first, so a read of another thread's write that lacks a barrier sees stale
+// (NaN) data in one of the two orders, every time; threads that wait at a barrier
+// the others never reach stop the run with a message (a GPU would hang).
 // Fibers, not OS threads: barrier hand-offs between hundreds of OS threads on two
 // cores cost the kernel far more time than the emulation itself.
 // WMMA fragments hold the whole 16 x 16 tile per thread.
@@ -144,16 +144,22 @@ class Fibers {
       }
       stacks_.push_back(static_cast<char*>(p) + kGuard);
     }
+#if defined(__x86_64__)
     sp_.resize(stacks_.size());
+#else
     contexts_.resize(stacks_.size());
+#endif
     finished_.resize(stacks_.size());
   }
 
   std::vector<char*> stacks_;
-  std::vector<void*> sp_;  // x86-64: each fiber's saved stack pointer
+#if defined(__x86_64__)
+  std::vector<void*> sp_;  // each fiber's saved stack pointer
   void* scheduler_sp_ = nullptr;
-  std::vector<ucontext_t> contexts_;  // elsewhere: ucontext
+#else
+  std::vector<ucontext_t> contexts_;
   ucontext_t scheduler_{};
+#endif
   std::vector<char> finished_;
   const std::function<void(int)>* task_ = nullptr;
   int current_ = 0;
