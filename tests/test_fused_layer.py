@@ -147,6 +147,104 @@ def test_empty_rows():
     assert float(A.grad.abs().sum()) == 0 and float(bank.grad.abs().sum()) == 0
 
 
+# Decode: up to 8 rows the CPU op computes the base layer in the same passes over the weights as the
+# adapter (lily_layer_forward_rows), not through ATen's linear. Shapes with several tasks per pass
+# (rank 40, out 70: tasks of 32 rows of A or W) and vector tails (in = 37).
+def decode_inputs(lead, mode, dtype, bias=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    in_, out, r, e = 37, 70, 40, 3
+    router = rnd(e) if mode == "static" else rnd(e, r, scale=0.3)
+    return (
+        rnd(*lead, in_),
+        rnd(out, in_, scale=0.2),
+        rnd(out) if bias else None,
+        rnd(r, in_, scale=0.2),
+        router,
+        rnd(e, r, out, scale=0.2),
+    )
+
+
+def decode_reference(x, weight, bias, A, router, bank, scaling, mode, mask):
+    d = torch.float64
+    y = F.linear(x.to(d), weight.to(d), None if bias is None else bias.to(d))
+    return y + routed_mix(F.linear(x.to(d), A.to(d)), router.to(d), bank.to(d), scaling=scaling, mode=mode, mask=mask)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("lead", [(1,), (2,), (5,), (8,), (9,), (2, 4), (1, 1, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_rows_match_reference(mode, lead, dtype):
+    x, weight, bias, A, router, bank = decode_inputs(lead, mode, dtype, bias=lead != (5,))
+    mask = make_mask(lead, mode)
+    with torch.no_grad():
+        y = lily_linear(x, weight, bias, A, router, bank, scaling=0.7, mode=mode, mask=mask)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y.double(), decode_reference(x, weight, bias, A, router, bank, 0.7, mode, mask), **tol)
+    # the autograd forward saves h = x A^T for the backward: gradients through the same path
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, A, router, bank)]
+    got = lily_linear(leaves[0], leaves[1], bias, *leaves[2:], scaling=0.7, mode=mode, mask=mask)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = decode_reference(ref_leaves[0], ref_leaves[1], bias, *ref_leaves[2:], 0.7, mode, mask)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got.backward(grad.to(dtype))
+    ref.backward(grad)
+    for name, a, b in zip(("x", "weight", "A", "router", "bank"), leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.double(), b.grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_decode_rows_take_no_aten_gemm():
+    x, weight, bias, A, router, bank = decode_inputs((8,), "token", torch.float32)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        lily_linear(x, weight, bias, A, router, bank, scaling=0.5, mode="token")
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::linear", "aten::addmm", "aten::mm"}, names
+    # 9 rows: the base layer through ATen, as nn.Linear computes it
+    x9 = torch.cat([x, x[:1]])
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        lily_linear(x9, weight, bias, A, router, bank, scaling=0.5, mode="token")
+    assert "aten::linear" in {e.name for e in prof.events()}
+
+
+def test_decode_rows_same_bits_alone_batched_and_any_thread_count():
+    # Every output element is one dot product and one mix summed in a fixed order: a token's row has
+    # the same bits alone, in a batch of 7 (rows 0-3 in the kernel's 4-row tile, 4-6 outside it)
+    # and with 1 or 2 threads.
+    x, weight, bias, A, router, bank = decode_inputs((7,), "token", torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(lily_linear(x, weight, bias, A, router, bank, scaling=0.5, mode="token"))
+                alone = [
+                    lily_linear(x[i : i + 1], weight, bias, A, router, bank, scaling=0.5, mode="token")
+                    for i in range(7)
+                ]
+            torch.testing.assert_close(torch.cat(alone), outs[-1], rtol=0, atol=0)
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_decode_rows_with_strided_weight_and_input():
+    # a weight that is a transposed view, and an input with gaps: the ATen path, and the decode
+    # path on a contiguous copy of x
+    x, weight, bias, A, router, bank = decode_inputs((3,), "token", torch.float32)
+    wide = torch.zeros(3, 2 * x.shape[1])
+    wide[:, ::2] = x
+    strided_weight = weight.t().contiguous().t()
+    want = decode_reference(x, weight, bias, A, router, bank, 0.5, "token", None)
+    for xi, wi in ((wide[:, ::2], weight), (x, strided_weight)):
+        with torch.no_grad():
+            got = lily_linear(xi, wi, bias, A, router, bank, scaling=0.5, mode="token")
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck(mode):
     lead = (2, 3)

@@ -1,4 +1,4 @@
-// The adapter half of lily_linear on the CPU, framework-free: everything of
+// lily_linear on the CPU, framework-free. lily_adapter_forward: everything of
 //
 //   y = x W^T + b + scaling * routed_mix(x A^T, router, bank)
 //
@@ -74,6 +74,42 @@ void lily_adapter_forward(const Backend& be, const MixShape& s, int64_t in, T sc
   auto delta = scratch<T>(N * out);
   routed_mix_forward(be, s, scaling, hidden, router, bank, mask, delta.get());
   add_rows(be, N, out, delta.get(), y);
+}
+
+// Up to this many rows (decode), lily_layer_forward_rows computes the base layer too.
+constexpr int64_t kLayerRows = kStreamRows;
+// Rows of A or W per task of its first pass.
+constexpr int64_t kLayerTaskRows = 32;
+
+// The whole layer for a few rows (decode), base included: y = x W^T + b + adapter.
+// At decode the layer is a pass over its weights (W, A, the bank), not over math; two
+// parallel passes read them: the first h = x A^T and y = x W^T + b together (dot
+// products of x with the rows of [A; W], so both threads stream A and W at once), the
+// second the routing and the mix, added into y. x, W and the adapter share T.
+template <typename T, typename Backend>
+void lily_layer_forward_rows(const Backend& be, const MixShape& s, int64_t in, T scaling, const T* x, const T* weight,
+                             const T* bias, const T* A, const T* router, const T* bank, const uint8_t* mask, T* hidden,
+                             T* y) {
+  const int64_t N = s.rows, r = s.rank, out = s.out;
+  if (N == 0) return;
+  const int64_t a_tasks = ceil_div(r, kLayerTaskRows), tasks = a_tasks + ceil_div(out, kLayerTaskRows);
+  be.parallel_for(tasks, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t < a_tasks) {
+        const int64_t i0 = t * kLayerTaskRows, rows = std::min(kLayerTaskRows, r - i0);
+        gemm_small_nt(N, rows, in, T(1), x, in, A + i0 * in, in, hidden + i0, r);
+        continue;
+      }
+      const int64_t o0 = (t - a_tasks) * kLayerTaskRows, rows = std::min(kLayerTaskRows, out - o0);
+      gemm_small_nt(N, rows, in, T(1), x, in, weight + o0 * in, in, y + o0, out);
+      if (bias != nullptr)
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t j = o0; j < o0 + rows; ++j) y[n * out + j] += bias[j];
+    }
+  });
+  auto delta = scratch<T>(N * out);
+  routed_mix_forward(be, s, scaling, hidden, router, bank, mask, delta.get());
+  add_rows(SerialBackend<Backend>{be}, N, out, delta.get(), y);
 }
 
 // grad [N, out]; x [N, in]; hidden = x A^T [N, r] as the forward computed it.

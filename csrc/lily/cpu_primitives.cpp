@@ -299,7 +299,8 @@ LILY_INLINE void gemm_stream_impl(int64_t M, int64_t K, int64_t cols, T alpha, c
 
 // C = alpha * A @ B^T as dot products, tiled 4 rows of A x 2 rows of B so
 // that each load feeds two or four FMAs. The A tile (4 rows) stays in L1 while
-// every row of B streams past it once.
+// every row of B streams past it once. Every C element is one dot product summed
+// in one order (same bits whatever its tile).
 template <typename T, int Bytes>
 LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
                                     int64_t ldb, T* C, int64_t ldc) {
@@ -341,8 +342,31 @@ LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, co
     for (; n < N; ++n)
       for (int i = 0; i < 4; ++i) C[(m + i) * ldc + n] = alpha * dot<T, Bytes>(a[i], B + n * ldb, K);
   }
-  for (; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = alpha * dot<T, Bytes>(A + m * lda, B + n * ldb, K);
+  // The last M % 4 rows (all of them at decode, M = 1): four rows of B at a time, four
+  // independent FMA chains instead of one dot product waiting on the last.
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4) {
+    const T* b[4] = {B + n * ldb, B + (n + 1) * ldb, B + (n + 2) * ldb, B + (n + 3) * ldb};
+    for (int64_t i = m; i < M; ++i) {
+      const T* a = A + i * lda;
+      V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+      for (int64_t k = 0; k < kv; k += W) {
+        const V y = S::load(a + k);
+        s0 += y * S::load(b[0] + k);
+        s1 += y * S::load(b[1] + k);
+        s2 += y * S::load(b[2] + k);
+        s3 += y * S::load(b[3] + k);
+      }
+      const V* sums[4] = {&s0, &s1, &s2, &s3};
+      for (int j = 0; j < 4; ++j) {
+        T t = S::sum(*sums[j]);
+        for (int64_t k = kv; k < K; ++k) t += a[k] * b[j][k];
+        C[i * ldc + n + j] = alpha * t;
+      }
+    }
+  }
+  for (; n < N; ++n)
+    for (int64_t i = m; i < M; ++i) C[i * ldc + n] = alpha * dot<T, Bytes>(A + i * lda, B + n * ldb, K);
 }
 
 template <typename T>

@@ -4,8 +4,8 @@
 //
 // Schemas, argument checks, the CPU kernels (the base GEMM through ATen, the
 // adapter through csrc/lily/cpu_lily_linear.h, added into the base output in
-// place), a composed kernel for CUDA (at::linear + the lily::routed_mix CUDA
-// kernels + cuBLAS) and the autograd, all in C++: a call never enters Python.
+// place; at decode, up to kLayerRows rows, the base layer too), a composed kernel for CUDA (at::linear + the
+// lily::routed_mix CUDA kernels + cuBLAS) and the autograd, all in C++: a call never enters Python.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -137,23 +137,37 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
   const LinearCall call = check_lily_linear_args(x, weight, bias, A, router, bank, scaling, mode, mask);
   const lily::MixShape& s = call.s;
   const auto ct = compute_dtype(A.scalar_type());
-  at::Tensor y = at::linear(x, weight, bias);  // the base layer, as nn.Linear computes it
-  if (!y.is_contiguous()) y = y.contiguous();
-  // The adapter adds into y in place when y is in its compute dtype; otherwise it is formed in the
-  // compute dtype and added once (one rounding).
-  const bool in_place = y.scalar_type() == ct;
-  at::Tensor target = in_place ? y : at::empty(y.sizes(), y.options().dtype(ct));
   const at::Tensor xc = as_compute(x, ct);
   const at::Tensor Ac = as_compute(A, ct), Rc = as_compute(router, ct), Bc = as_compute(call.bank, ct);
   const at::Tensor m = mask_as_bytes(mask);
   at::Tensor h = at::empty(with_last(x.sizes(), s.rank), xc.options());
-  AT_DISPATCH_FLOATING_TYPES(ct, "lily::lily_linear (CPU)", [&] {
-    lily::cpu::lily_adapter_forward<scalar_t>(
-        AtenBackend{}, s, call.in, static_cast<scalar_t>(scaling), xc.const_data_ptr<scalar_t>(),
-        Ac.const_data_ptr<scalar_t>(), Rc.const_data_ptr<scalar_t>(), Bc.const_data_ptr<scalar_t>(), mask_ptr(m),
-        h.mutable_data_ptr<scalar_t>(), target.mutable_data_ptr<scalar_t>(), in_place);
-  });
-  if (!in_place) y.add_(target);
+  at::Tensor y;
+  if (s.rows <= lily::cpu::kLayerRows && x.scalar_type() == ct && weight.is_contiguous() &&
+      (!bias.has_value() || bias->is_contiguous())) {
+    // Decode: the base layer in the same passes over the weights as the adapter.
+    y = at::empty(with_last(x.sizes(), s.out), xc.options());
+    AT_DISPATCH_FLOATING_TYPES(ct, "lily::lily_linear (CPU)", [&] {
+      lily::cpu::lily_layer_forward_rows<scalar_t>(
+          AtenBackend{}, s, call.in, static_cast<scalar_t>(scaling), xc.const_data_ptr<scalar_t>(),
+          weight.const_data_ptr<scalar_t>(), bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
+          Ac.const_data_ptr<scalar_t>(), Rc.const_data_ptr<scalar_t>(), Bc.const_data_ptr<scalar_t>(), mask_ptr(m),
+          h.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>());
+    });
+  } else {
+    y = at::linear(x, weight, bias);  // the base layer, as nn.Linear computes it
+    if (!y.is_contiguous()) y = y.contiguous();
+    // The adapter adds into y in place when y is in its compute dtype; otherwise it is formed in the
+    // compute dtype and added once (one rounding).
+    const bool in_place = y.scalar_type() == ct;
+    at::Tensor target = in_place ? y : at::empty(y.sizes(), y.options().dtype(ct));
+    AT_DISPATCH_FLOATING_TYPES(ct, "lily::lily_linear (CPU)", [&] {
+      lily::cpu::lily_adapter_forward<scalar_t>(
+          AtenBackend{}, s, call.in, static_cast<scalar_t>(scaling), xc.const_data_ptr<scalar_t>(),
+          Ac.const_data_ptr<scalar_t>(), Rc.const_data_ptr<scalar_t>(), Bc.const_data_ptr<scalar_t>(), mask_ptr(m),
+          h.mutable_data_ptr<scalar_t>(), target.mutable_data_ptr<scalar_t>(), in_place);
+    });
+    if (!in_place) y.add_(target);
+  }
   if (!keep_hidden) return {y, at::Tensor()};
   return {y, h.scalar_type() == A.scalar_type() ? h : h.to(A.scalar_type())};
 }
