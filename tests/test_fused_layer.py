@@ -150,21 +150,21 @@ def test_empty_rows():
 # Decode: up to 8 rows the CPU op computes the base layer in the same passes over the weights as the
 # adapter (lily_layer_forward_rows), not through ATen's linear. Shapes with several tasks per pass
 # (rank 40, out 70: tasks of 32 rows of A or W) and vector tails (in = 37).
-def decode_inputs(lead, mode, dtype, bias=True, seed=1):
+def decode_inputs(lead, mode, dtype, bias=True, seed=1, adapter_dtype=None, in_=37):
     g = torch.Generator().manual_seed(seed)
 
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dt)
 
-    in_, out, r, e = 37, 70, 40, 3
-    router = rnd(e) if mode == "static" else rnd(e, r, scale=0.3)
+    out, r, e, adt = 70, 40, 3, adapter_dtype or dtype
+    router = rnd(e, dt=adt) if mode == "static" else rnd(e, r, scale=0.3, dt=adt)
     return (
         rnd(*lead, in_),
         rnd(out, in_, scale=0.2),
         rnd(out) if bias else None,
-        rnd(r, in_, scale=0.2),
+        rnd(r, in_, scale=0.2, dt=adt),
         router,
-        rnd(e, r, out, scale=0.2),
+        rnd(e, r, out, scale=0.2, dt=adt),
     )
 
 
@@ -196,16 +196,33 @@ def test_decode_rows_match_reference(mode, lead, dtype):
         torch.testing.assert_close(a.grad.double(), b.grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_decode_rows_take_no_aten_gemm():
-    x, weight, bias, A, router, bank = decode_inputs((8,), "token", torch.float32)
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_", [4, 32])  # shorter than a vector (no vector part), a multiple of it (no tail)
+def test_decode_rows_half_precision_adapter_and_row_lengths(adapter_dtype, in_):
+    # float32 x and W with a half-precision adapter: the adapter computed in float32, as the base
+    x, weight, bias, A, router, bank = decode_inputs((3,), "token", torch.float32, adapter_dtype=adapter_dtype, in_=in_)
+    leaves = [t.requires_grad_() for t in (x, A, bank)]
+    y = lily_linear(x, weight, bias, A, router, bank, scaling=0.7, mode="token")
+    assert y.dtype == torch.float32
+    want = decode_reference(x.detach(), weight, bias, A.detach(), router, bank.detach(), 0.7, "token", None)
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert [t.grad.dtype for t in leaves] == [torch.float32, adapter_dtype, adapter_dtype]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype, bias, lead", [(torch.float32, True, (8,)), (torch.float64, False, (2, 4))])
+def test_decode_rows_take_no_aten_gemm(mode, dtype, bias, lead):
+    x, weight, b, A, router, bank = decode_inputs(lead, mode, dtype, bias=bias)
+    mask = make_mask(lead, mode)
     with torch.no_grad(), torch.profiler.profile() as prof:
-        lily_linear(x, weight, bias, A, router, bank, scaling=0.5, mode="token")
+        lily_linear(x, weight, b, A, router, bank, scaling=0.5, mode=mode, mask=mask)
     names = {e.name for e in prof.events()}
     assert not names & {"aten::linear", "aten::addmm", "aten::mm"}, names
     # 9 rows: the base layer through ATen, as nn.Linear computes it
-    x9 = torch.cat([x, x[:1]])
+    x9 = torch.cat([x.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1])[:1]])
     with torch.no_grad(), torch.profiler.profile() as prof:
-        lily_linear(x9, weight, bias, A, router, bank, scaling=0.5, mode="token")
+        lily_linear(x9, weight, b, A, router, bank, scaling=0.5, mode=mode)
     assert "aten::linear" in {e.name for e in prof.events()}
 
 
