@@ -47,6 +47,20 @@ struct SerialBackend {
   }
 };
 
+// y [N, out] += routed_mix(hidden, ...): in place where the mix ends in one BLAS call, else
+// formed in a scratch and added in one pass.
+template <typename T, typename Backend>
+void add_mix(const Backend& be, const MixShape& s, T scaling, const T* hidden, const T* router, const T* bank,
+             const uint8_t* mask, T* y) {
+  if (mix_accumulates_in_place(s)) {
+    routed_mix_forward(be, s, scaling, hidden, router, bank, mask, y, T(1));
+    return;
+  }
+  auto delta = scratch<T>(s.rows * s.out);
+  routed_mix_forward(be, s, scaling, hidden, router, bank, mask, delta.get());
+  add_rows(be, s.rows, s.out, delta.get(), y);
+}
+
 // Up to this many multiply-adds, h = x A^T runs on the calling thread (decode, N = 1, r = 128,
 // in = 512: 64 Ki), saving a parallel region per layer.
 constexpr int64_t kSerialProjection = int64_t(1) << 17;
@@ -57,23 +71,16 @@ constexpr int64_t kSerialProjection = int64_t(1) << 17;
 template <typename T, typename Backend>
 void lily_adapter_forward(const Backend& be, const MixShape& s, int64_t in, T scaling, const T* x, const T* A,
                           const T* router, const T* bank, const uint8_t* mask, T* hidden, T* y, bool accumulate) {
-  const int64_t N = s.rows, r = s.rank, out = s.out;
+  const int64_t N = s.rows, r = s.rank;
   if (N == 0) return;
   if (N * r * in <= kSerialProjection)  // h = x A^T
     matmul(SerialBackend<Backend>{be}, false, true, N, r, in, T(1), x, in, A, in, T(0), hidden, r);
   else
     matmul(be, false, true, N, r, in, T(1), x, in, A, in, T(0), hidden, r);
-  if (!accumulate) {
+  if (accumulate)
+    add_mix(be, s, scaling, hidden, router, bank, mask, y);
+  else
     routed_mix_forward(be, s, scaling, hidden, router, bank, mask, y);
-    return;
-  }
-  if (mix_accumulates_in_place(s)) {
-    routed_mix_forward(be, s, scaling, hidden, router, bank, mask, y, T(1));
-    return;
-  }
-  auto delta = scratch<T>(N * out);
-  routed_mix_forward(be, s, scaling, hidden, router, bank, mask, delta.get());
-  add_rows(be, N, out, delta.get(), y);
 }
 
 // Up to this many rows (decode), lily_layer_forward_rows computes the base layer too.
@@ -83,9 +90,9 @@ constexpr int64_t kLayerTaskRows = 32;
 
 // The whole layer for a few rows (decode), base included: y = x W^T + b + adapter.
 // At decode the layer is a pass over its weights (W, A, the bank), not over math; two
-// parallel passes read them: the first h = x A^T and y = x W^T + b together (dot
-// products of x with the rows of [A; W], so both threads stream A and W at once), the
-// second the routing and the mix, added into y. x, W and the adapter share T.
+// parallel passes read them: the first computes h = x A^T and y = x W^T + b together,
+// as dot products of x with the rows of [A; W]; the second the routing and the mix,
+// added into y. x, W and the adapter share T.
 template <typename T, typename Backend>
 void lily_layer_forward_rows(const Backend& be, const MixShape& s, int64_t in, T scaling, const T* x, const T* weight,
                              const T* bias, const T* A, const T* router, const T* bank, const uint8_t* mask, T* hidden,
@@ -107,9 +114,7 @@ void lily_layer_forward_rows(const Backend& be, const MixShape& s, int64_t in, T
           for (int64_t j = o0; j < o0 + rows; ++j) y[n * out + j] += bias[j];
     }
   });
-  auto delta = scratch<T>(N * out);
-  routed_mix_forward(be, s, scaling, hidden, router, bank, mask, delta.get());
-  add_rows(SerialBackend<Backend>{be}, N, out, delta.get(), y);
+  add_mix(be, s, scaling, hidden, router, bank, mask, y);
 }
 
 // grad [N, out]; x [N, in]; hidden = x A^T [N, r] as the forward computed it.

@@ -4,8 +4,9 @@
 //
 // Schemas, argument checks, the CPU kernels (the base GEMM through ATen, the
 // adapter through csrc/lily/cpu_lily_linear.h, added into the base output in
-// place; at decode, up to kLayerRows rows, the base layer too), a composed kernel for CUDA (at::linear + the
-// lily::routed_mix CUDA kernels + cuBLAS) and the autograd, all in C++: a call never enters Python.
+// place; at decode, up to kLayerRows rows, the base layer there too), a composed
+// kernel for CUDA (at::linear + the lily::routed_mix CUDA kernels + cuBLAS) and
+// the autograd, all in C++: a call never enters Python.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
