@@ -1,6 +1,7 @@
-"""The portable blocked GEMM of the ORT library (csrc/lily/cpu_gemm.h) and the small-N products of
-csrc/lily/cpu_primitives.h, checked by C++ programs (tests/cpp/gemm_check.cpp,
-tests/cpp/small_gemm_check.cpp) built with the host compiler, once per micro-kernel this host can run."""
+"""The portable blocked GEMM of the ORT library (csrc/lily/cpu_gemm.h), and the small-N products and
+routing primitives of csrc/lily/cpu_primitives.h, checked by C++ programs (tests/cpp/gemm_check.cpp,
+small_gemm_check.cpp, routing_check.cpp) built with the host compiler, once per micro-kernel this
+host can run."""
 
 import subprocess
 
@@ -42,3 +43,9 @@ def test_blocked_gemm_matches_float64(variant, tmp_path):
 def test_small_products_match_float64_and_each_other(variant, tmp_path):
     # gemm_stream against float64, and bit for bit against gemm_small (same order over k)
     run_check(tmp_path, "small_gemm_check", "cpu_primitives", VARIANTS[variant])
+
+
+@pytest.mark.parametrize("variant", ["dispatched", "generic"])
+def test_routing_primitives_match_float64(variant, tmp_path):
+    # router softmax (a row alone has its bits in a block), bank gradient pass, kron backward
+    run_check(tmp_path, "routing_check", "cpu_primitives", VARIANTS[variant])

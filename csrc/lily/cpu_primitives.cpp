@@ -1,6 +1,8 @@
-// See cpu_primitives.h. The loops are written over 64-byte GCC/Clang vector
-// types and compiled once per x86-64 level (target_clones), so one binary uses
-// AVX-512 or AVX2 where the host has it and plain SSE2 elsewhere.
+// See cpu_primitives.h. The loops are written over GCC/Clang vector types and
+// compiled once per x86-64 level, so one binary uses AVX-512 or AVX2 where the
+// host has it and plain SSE2 elsewhere: loops the compiler vectorises itself
+// through target_clones, loops written over Simd<T, Bytes> through one
+// target("...") overload per level with Bytes sized to its registers (below).
 #include "cpu_primitives.h"
 
 #include <algorithm>
@@ -20,9 +22,8 @@ namespace lily {
 namespace cpu {
 namespace {
 
-// Bytes: the vector width the loops are written over. 64 everywhere except in
-// gemm_small / gemm_small_nt, whose register tiles are sized per x86-64 level.
-template <typename T, int Bytes = 64>
+// Bytes: the vector width the loops are written over, chosen per x86-64 level.
+template <typename T, int Bytes>
 struct Simd {
   typedef T type __attribute__((vector_size(Bytes)));
   static constexpr int64_t width = Bytes / sizeof(T);
@@ -61,7 +62,7 @@ struct Simd {
   }
 };
 
-template <typename T, int Bytes = 64>
+template <typename T, int Bytes>
 LILY_INLINE T dot(const T* x, const T* y, int64_t n) {
   using S = Simd<T, Bytes>;
   typename S::type acc = {};
@@ -87,10 +88,10 @@ LILY_INLINE void softmax_row(T* p, int64_t experts) {
 
 // Logits four rows at a time: four independent FMA chains hide the FMA latency
 // a single dot product would wait on, and each router load feeds four rows.
-template <typename T>
+template <typename T, int Bytes>
 LILY_INLINE void router_softmax_impl(const T* hidden, int64_t rows, int64_t rank, const T* router, int64_t experts,
                                      T* probs) {
-  using S = Simd<T>;
+  using S = Simd<T, Bytes>;
   using V = typename S::type;
   constexpr int64_t W = S::width;
   const int64_t rv = rank - rank % W;
@@ -126,7 +127,7 @@ LILY_INLINE void router_softmax_impl(const T* hidden, int64_t rows, int64_t rank
   }
   for (; n < rows; ++n) {
     T* p = probs + n * experts;
-    for (int64_t e = 0; e < experts; ++e) p[e] = dot(router + e * rank, hidden + n * rank, rank);
+    for (int64_t e = 0; e < experts; ++e) p[e] = dot<T, Bytes>(router + e * rank, hidden + n * rank, rank);
     softmax_row(p, experts);
   }
 }
@@ -369,7 +370,7 @@ LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, co
     for (int64_t i = m; i < M; ++i) C[i * ldc + n] = alpha * dot<T, Bytes>(A + i * lda, B + n * ldb, K);
 }
 
-template <typename T>
+template <typename T, int Bytes>
 LILY_INLINE void bank_grad_impl(const T* weights, const T* dcomb, const T* bank, int64_t experts, int64_t plane,
                                 int64_t j0, int64_t j1, bool accumulate, T* dbank, T* dweights, T* comb) {
   constexpr int64_t kBlock = 1024;  // a block of every expert's plane stays in L1 for all three uses
@@ -387,7 +388,7 @@ LILY_INLINE void bank_grad_impl(const T* weights, const T* dcomb, const T* bank,
       } else {
         for (int64_t j = 0; j < n; ++j) db[j] = w * g[j];
       }
-      dweights[e] += dot(bk, g, n);
+      dweights[e] += dot<T, Bytes>(bk, g, n);
       if (e == 0) {
         for (int64_t j = 0; j < n; ++j) c[j] = w * bk[j];
       } else {
@@ -409,7 +410,7 @@ LILY_INLINE void kron_rows_impl(const T* W, const T* hidden, int64_t rows, int64
   }
 }
 
-template <typename T>
+template <typename T, int Bytes>
 LILY_INLINE void kron_rows_backward_impl(const T* W, const T* hidden, const T* dZ, int64_t rows, int64_t experts,
                                          int64_t rank, T* dW, T* dhidden) {
   for (int64_t n = 0; n < rows; ++n) {
@@ -419,7 +420,7 @@ LILY_INLINE void kron_rows_backward_impl(const T* W, const T* hidden, const T* d
     for (int64_t e = 0; e < experts; ++e) {
       const T* dz = dZ + (n * experts + e) * rank;
       const T w = W[n * experts + e];
-      dW[n * experts + e] = dot(dz, h, rank);
+      dW[n * experts + e] = dot<T, Bytes>(dz, h, rank);
       for (int64_t i = 0; i < rank; ++i) dh[i] += w * dz[i];
     }
   }
@@ -449,64 +450,59 @@ LILY_INLINE void router_backward_impl(const T* hidden, const T* probs, const T* 
 
 }  // namespace
 
-// The small GEMMs' register tiles must fit the register file (32 x 64-byte
-// registers with AVX-512, 16 x 32-byte with AVX2, 16 x 16-byte with SSE2):
-// 64-byte vectors on an AVX2 host spill every accumulator (measured 20x
-// slower), and target_clones cannot vary the width per clone, so each x86-64
-// level gets its own instantiation (target("...") overloads, as in cpu_gemm.cpp).
-#define LILY_SMALL_ARGS(T)                                                                                        \
-  int64_t M, int64_t K, int64_t cols, T alpha, const T *A, int64_t a_row, int64_t a_col, const T *B, int64_t ldb, \
-      T *C, int64_t ldc
-#define LILY_SMALL_PASS M, K, cols, alpha, A, a_row, a_col, B, ldb, C, ldc
-#define LILY_SMALL_NT_ARGS(T) \
-  int64_t M, int64_t N, int64_t K, T alpha, const T *A, int64_t lda, const T *B, int64_t ldb, T *C, int64_t ldc
-#define LILY_SMALL_NT_PASS M, N, K, alpha, A, lda, B, ldb, C, ldc
+// Loops over Simd<T, Bytes> keep their vectors in registers only at the host's
+// width (32 x 64-byte registers with AVX-512, 16 x 32-byte with AVX2, 16 x
+// 16-byte with SSE2): 64-byte vectors on an AVX2 host spill the accumulators
+// (gemm_small measured 20x slower, the router softmax and the bank gradient
+// pass 3x). target_clones cannot vary the width per clone, so each x86-64 level
+// gets its own instantiation: target("...") overloads, as in cpu_gemm.cpp.
+// LILY_PER_LEVEL(name, impl, T, params, args) defines `void name params`
+// calling impl<T, Bytes> args.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__) && \
     !defined(LILY_NO_MULTIVERSION)
-#define LILY_DEFINE_SMALL_KERNELS(T)                                                      \
-  __attribute__((target("arch=x86-64-v4"))) void small_kernel(LILY_SMALL_ARGS(T)) {       \
-    gemm_small_impl<T, 64>(LILY_SMALL_PASS);                                              \
-  }                                                                                       \
-  __attribute__((target("arch=x86-64-v3"))) void small_kernel(LILY_SMALL_ARGS(T)) {       \
-    gemm_small_impl<T, 32>(LILY_SMALL_PASS);                                              \
-  }                                                                                       \
-  __attribute__((target("default"))) void small_kernel(LILY_SMALL_ARGS(T)) {              \
-    gemm_small_impl<T, 16>(LILY_SMALL_PASS);                                              \
-  }                                                                                       \
-  __attribute__((target("arch=x86-64-v4"))) void stream_kernel(LILY_SMALL_ARGS(T)) {      \
-    gemm_stream_impl<T, 64>(LILY_SMALL_PASS);                                             \
-  }                                                                                       \
-  __attribute__((target("arch=x86-64-v3"))) void stream_kernel(LILY_SMALL_ARGS(T)) {      \
-    gemm_stream_impl<T, 32>(LILY_SMALL_PASS);                                             \
-  }                                                                                       \
-  __attribute__((target("default"))) void stream_kernel(LILY_SMALL_ARGS(T)) {             \
-    gemm_stream_impl<T, 16>(LILY_SMALL_PASS);                                             \
-  }                                                                                       \
-  __attribute__((target("arch=x86-64-v4"))) void small_nt_kernel(LILY_SMALL_NT_ARGS(T)) { \
-    gemm_small_nt_impl<T, 64>(LILY_SMALL_NT_PASS);                                        \
-  }                                                                                       \
-  __attribute__((target("arch=x86-64-v3"))) void small_nt_kernel(LILY_SMALL_NT_ARGS(T)) { \
-    gemm_small_nt_impl<T, 32>(LILY_SMALL_NT_PASS);                                        \
-  }                                                                                       \
-  __attribute__((target("default"))) void small_nt_kernel(LILY_SMALL_NT_ARGS(T)) {        \
-    gemm_small_nt_impl<T, 16>(LILY_SMALL_NT_PASS);                                        \
-  }
+#define LILY_PER_LEVEL(name, impl, T, params, args)                                \
+  __attribute__((target("arch=x86-64-v4"))) void name params { impl<T, 64> args; } \
+  __attribute__((target("arch=x86-64-v3"))) void name params { impl<T, 32> args; } \
+  __attribute__((target("default"))) void name params { impl<T, 16> args; }
 #else
-#define LILY_DEFINE_SMALL_KERNELS(T)                                                   \
-  void small_kernel(LILY_SMALL_ARGS(T)) { gemm_small_impl<T, 16>(LILY_SMALL_PASS); }   \
-  void stream_kernel(LILY_SMALL_ARGS(T)) { gemm_stream_impl<T, 16>(LILY_SMALL_PASS); } \
-  void small_nt_kernel(LILY_SMALL_NT_ARGS(T)) { gemm_small_nt_impl<T, 16>(LILY_SMALL_NT_PASS); }
+#define LILY_PER_LEVEL(name, impl, T, params, args) \
+  void name params { impl<T, 16> args; }
 #endif
 
+#define LILY_SMALL_PARAMS(T)                                                                                       \
+  (int64_t M, int64_t K, int64_t cols, T alpha, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb, \
+   T* C, int64_t ldc)
+#define LILY_SMALL_ARGS (M, K, cols, alpha, A, a_row, a_col, B, ldb, C, ldc)
+#define LILY_SMALL_NT_PARAMS(T) \
+  (int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc)
+#define LILY_SMALL_NT_ARGS (M, N, K, alpha, A, lda, B, ldb, C, ldc)
+#define LILY_ROUTER_PARAMS(T) (const T* hidden, int64_t rows, int64_t rank, const T* router, int64_t experts, T* probs)
+#define LILY_ROUTER_ARGS (hidden, rows, rank, router, experts, probs)
+#define LILY_BANK_GRAD_PARAMS(T)                                                                            \
+  (const T* weights, const T* dcomb, const T* bank, int64_t experts, int64_t plane, int64_t j0, int64_t j1, \
+   bool accumulate, T* dbank, T* dweights, T* comb)
+#define LILY_BANK_GRAD_ARGS (weights, dcomb, bank, experts, plane, j0, j1, accumulate, dbank, dweights, comb)
+#define LILY_KRON_BACKWARD_PARAMS(T) \
+  (const T* W, const T* hidden, const T* dZ, int64_t rows, int64_t experts, int64_t rank, T* dW, T* dhidden)
+#define LILY_KRON_BACKWARD_ARGS (W, hidden, dZ, rows, experts, rank, dW, dhidden)
+
+#define LILY_DEFINE_LEVEL_KERNELS(T)                                                                  \
+  LILY_PER_LEVEL(small_kernel, gemm_small_impl, T, LILY_SMALL_PARAMS(T), LILY_SMALL_ARGS)             \
+  LILY_PER_LEVEL(stream_kernel, gemm_stream_impl, T, LILY_SMALL_PARAMS(T), LILY_SMALL_ARGS)           \
+  LILY_PER_LEVEL(small_nt_kernel, gemm_small_nt_impl, T, LILY_SMALL_NT_PARAMS(T), LILY_SMALL_NT_ARGS) \
+  LILY_PER_LEVEL(router_kernel, router_softmax_impl, T, LILY_ROUTER_PARAMS(T), LILY_ROUTER_ARGS)      \
+  LILY_PER_LEVEL(bank_grad_kernel, bank_grad_impl, T, LILY_BANK_GRAD_PARAMS(T), LILY_BANK_GRAD_ARGS)  \
+  LILY_PER_LEVEL(kron_backward_kernel, kron_rows_backward_impl, T, LILY_KRON_BACKWARD_PARAMS(T),      \
+                 LILY_KRON_BACKWARD_ARGS)
+
 namespace {
-LILY_DEFINE_SMALL_KERNELS(float)
-LILY_DEFINE_SMALL_KERNELS(double)
+LILY_DEFINE_LEVEL_KERNELS(float)
+LILY_DEFINE_LEVEL_KERNELS(double)
 }  // namespace
 
 #define LILY_DEFINE_PRIMITIVES(T)                                                                                      \
-  LILY_MULTIVERSION void router_softmax(const T* hidden, int64_t rows, int64_t rank, const T* router, int64_t experts, \
-                                        T* probs) {                                                                    \
-    router_softmax_impl(hidden, rows, rank, router, experts, probs);                                                   \
+  void router_softmax(const T* hidden, int64_t rows, int64_t rank, const T* router, int64_t experts, T* probs) {       \
+    router_kernel(hidden, rows, rank, router, experts, probs);                                                         \
   }                                                                                                                    \
   LILY_MULTIVERSION void combine_bank(const T* weights, const T* bank, int64_t experts, int64_t rank, int64_t out,     \
                                       int64_t i0, int64_t i1, int64_t c0, int64_t cols, T* dst, int64_t ld_dst) {      \
@@ -524,16 +520,16 @@ LILY_DEFINE_SMALL_KERNELS(double)
                      int64_t ldc) {                                                                                    \
     small_nt_kernel(M, N, K, alpha, A, lda, B, ldb, C, ldc);                                                           \
   }                                                                                                                    \
-  LILY_MULTIVERSION void bank_grad(const T* weights, const T* dcomb, const T* bank, int64_t experts, int64_t plane,    \
-                                   int64_t j0, int64_t j1, bool accumulate, T* dbank, T* dweights, T* comb) {          \
-    bank_grad_impl(weights, dcomb, bank, experts, plane, j0, j1, accumulate, dbank, dweights, comb);                   \
+  void bank_grad(const T* weights, const T* dcomb, const T* bank, int64_t experts, int64_t plane, int64_t j0,          \
+                 int64_t j1, bool accumulate, T* dbank, T* dweights, T* comb) {                                        \
+    bank_grad_kernel(weights, dcomb, bank, experts, plane, j0, j1, accumulate, dbank, dweights, comb);                 \
   }                                                                                                                    \
   LILY_MULTIVERSION void kron_rows(const T* W, const T* hidden, int64_t rows, int64_t experts, int64_t rank, T* Z) {   \
     kron_rows_impl(W, hidden, rows, experts, rank, Z);                                                                 \
   }                                                                                                                    \
-  LILY_MULTIVERSION void kron_rows_backward(const T* W, const T* hidden, const T* dZ, int64_t rows, int64_t experts,   \
-                                            int64_t rank, T* dW, T* dhidden) {                                         \
-    kron_rows_backward_impl(W, hidden, dZ, rows, experts, rank, dW, dhidden);                                          \
+  void kron_rows_backward(const T* W, const T* hidden, const T* dZ, int64_t rows, int64_t experts, int64_t rank,       \
+                          T* dW, T* dhidden) {                                                                         \
+    kron_backward_kernel(W, hidden, dZ, rows, experts, rank, dW, dhidden);                                             \
   }                                                                                                                    \
   LILY_MULTIVERSION void router_backward(const T* hidden, const T* probs, const T* dprobs, int64_t rows, int64_t rank, \
                                          const T* router, int64_t experts, T* dhidden, T* drouter) {                   \
