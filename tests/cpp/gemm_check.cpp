@@ -2,12 +2,14 @@
 // loop: every transpose, alpha/beta (beta == 0 must not read C, which holds NaN),
 // ragged edges, strided leading dims, batched calls, and tiles run out of order.
 // Built and run by tests/test_cpu_gemm.py; prints "ok <kernel>" or the failure.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
 #include <vector>
 
+#include "check_helpers.h"
 #include "lily/cpu_gemm.h"
 
 namespace {
@@ -22,16 +24,18 @@ struct Reversed {
 
 template <typename T>
 bool check(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, T beta, int64_t pad, std::mt19937& rng) {
-  std::uniform_real_distribution<double> dist(-1.0, 1.0);
   const int64_t rows_a = ta ? K : M, cols_a = ta ? M : K, rows_b = tb ? N : K, cols_b = tb ? K : N;
   const int64_t lda = cols_a + pad, ldb = cols_b + pad, ldc = N + pad;
   std::vector<T> A(rows_a * lda + 1), B(rows_b * ldb + 1), C(M * ldc + 1);
-  for (auto& x : A) x = T(dist(rng));
-  for (auto& x : B) x = T(dist(rng));
-  for (auto& x : C) x = beta == T(0) ? T(NAN) : T(dist(rng));
+  lily_check::fill_random(A, rng);
+  lily_check::fill_random(B, rng);
+  if (beta == T(0))
+    std::fill(C.begin(), C.end(), T(NAN));  // beta == 0 must not read C
+  else
+    lily_check::fill_random(C, rng);
   std::vector<T> C0 = C;
   lily::cpu::blocked_gemm<T>(Reversed{}, ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
-  const double tol = (sizeof(T) == 4 ? 1e-5 : 1e-13) * (1.0 + std::sqrt(double(K)));
+  const double tol = lily_check::tolerance<T>(K);
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = 0; j < ldc; ++j) {
       const T got = C[i * ldc + j];
@@ -48,8 +52,8 @@ bool check(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, T beta, i
       want = double(alpha) * want + (beta == T(0) ? 0.0 : double(beta) * double(C0[i * ldc + j]));
       if (!(std::fabs(double(got) - want) <= tol)) {
         std::printf("FAIL: %s ta=%d tb=%d M=%ld N=%ld K=%ld beta=%g at (%ld, %ld): %g vs %g\n",
-                    sizeof(T) == 4 ? "float" : "double", ta, tb, long(M), long(N), long(K), double(beta), long(i),
-                    long(j), double(got), want);
+                    lily_check::type_name<T>(), ta, tb, long(M), long(N), long(K), double(beta), long(i), long(j),
+                    double(got), want);
         return false;
       }
     }
@@ -59,11 +63,10 @@ bool check(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, T beta, i
 
 template <typename T>
 bool check_batched(std::mt19937& rng) {
-  std::uniform_real_distribution<double> dist(-1.0, 1.0);
   const int64_t batch = 3, M = 70, N = 45, K = 19;
   std::vector<T> A(batch * M * K), B(batch * K * N), C(batch * M * N, T(NAN));
-  for (auto& x : A) x = T(dist(rng));
-  for (auto& x : B) x = T(dist(rng));
+  lily_check::fill_random(A, rng);
+  lily_check::fill_random(B, rng);
   lily::cpu::blocked_gemm_batched<T>(Reversed{}, false, false, batch, M, N, K, T(2), A.data(), K, M * K, B.data(), N,
                                      K * N, C.data(), N, M * N);
   for (int64_t b = 0; b < batch; ++b)
@@ -83,10 +86,9 @@ bool check_batched(std::mt19937& rng) {
 // element's sum must not depend on its tile: the result is bit-identical to one 192 x 512 grid.
 template <typename T>
 bool check_tiling(bool ta, bool tb, int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
-  std::uniform_real_distribution<double> dist(-1.0, 1.0);
   std::vector<T> A(M * K), B(K * N), C1(M * N), C2(M * N);
-  for (auto& x : A) x = T(dist(rng));
-  for (auto& x : B) x = T(dist(rng));
+  lily_check::fill_random(A, rng);
+  lily_check::fill_random(B, rng);
   const int64_t lda = ta ? M : K, ldb = tb ? K : N;
   const lily::cpu::GemmTiling split = lily::cpu::gemm_tiling(M, N, K), coarse;
   const bool smallest = split.rows == lily::cpu::kGemmMinTileRows && split.cols == lily::cpu::kGemmMinTileCols;
@@ -133,7 +135,5 @@ int main() {
       for (int tb = 0; tb < 2; ++tb)
         ok = ok && check_tiling<float>(ta, tb, s[0], s[1], s[2], rng) &&
              check_tiling<double>(ta, tb, s[0], s[1], s[2], rng);
-  if (!ok) return 1;
-  std::printf("ok %s\n", lily::cpu::gemm_kernel_name());
-  return 0;
+  return lily_check::report(ok, lily::cpu::gemm_kernel_name());
 }

@@ -9,34 +9,23 @@
 #include <random>
 #include <vector>
 
+#include "check_helpers.h"
 #include "lily/cpu_primitives.h"
 
 namespace {
 
 template <typename T>
-double tolerance(int64_t terms) {
-  return (sizeof(T) == 4 ? 1e-5 : 1e-13) * (1.0 + std::sqrt(double(terms)));
-}
-
-template <typename T>
 bool close(const char* what, T got, double want, int64_t terms, int64_t a, int64_t b, int64_t c) {
-  if (std::fabs(double(got) - want) <= tolerance<T>(terms) * (1.0 + std::fabs(want))) return true;
-  std::printf("FAIL: %s %s (%ld, %ld, %ld): %.17g vs %.17g\n", sizeof(T) == 4 ? "float" : "double", what, long(a),
-              long(b), long(c), double(got), want);
+  if (std::fabs(double(got) - want) <= lily_check::tolerance<T>(terms) * (1.0 + std::fabs(want))) return true;
+  std::printf("FAIL: %s %s (%ld, %ld, %ld): %.17g vs %.17g\n", lily_check::type_name<T>(), what, long(a), long(b),
+              long(c), double(got), want);
   return false;
 }
 
 template <typename T>
-std::vector<T> random_vector(int64_t n, std::mt19937& rng) {
-  std::uniform_real_distribution<double> dist(-1.0, 1.0);
-  std::vector<T> v(n);
-  for (auto& x : v) x = T(dist(rng));
-  return v;
-}
-
-template <typename T>
 bool check_router(int64_t rows, int64_t rank, int64_t experts, std::mt19937& rng) {
-  const auto hidden = random_vector<T>(rows * rank, rng), router = random_vector<T>(experts * rank, rng);
+  const auto hidden = lily_check::random_vector<T>(rows * rank, rng),
+             router = lily_check::random_vector<T>(experts * rank, rng);
   std::vector<T> probs(rows * experts), alone(experts);
   lily::cpu::router_softmax(hidden.data(), rows, rank, router.data(), experts, probs.data());
   for (int64_t n = 0; n < rows; ++n) {
@@ -63,8 +52,9 @@ bool check_router(int64_t rows, int64_t rank, int64_t experts, std::mt19937& rng
 
 template <typename T>
 bool check_bank_grad(int64_t experts, int64_t plane, std::mt19937& rng) {
-  const auto weights = random_vector<T>(experts, rng), dcomb = random_vector<T>(plane, rng);
-  const auto bank = random_vector<T>(experts * plane, rng), start = random_vector<T>(experts * plane, rng);
+  const auto weights = lily_check::random_vector<T>(experts, rng), dcomb = lily_check::random_vector<T>(plane, rng);
+  const auto bank = lily_check::random_vector<T>(experts * plane, rng),
+             start = lily_check::random_vector<T>(experts * plane, rng);
   for (bool accumulate : {false, true}) {
     std::vector<T> dbank = start, comb(plane), dweights(2 * experts);
     const int64_t split = plane / 3;  // two pieces, as parallel callers split the plane
@@ -92,8 +82,9 @@ bool check_bank_grad(int64_t experts, int64_t plane, std::mt19937& rng) {
 
 template <typename T>
 bool check_kron_backward(int64_t rows, int64_t experts, int64_t rank, std::mt19937& rng) {
-  const auto W = random_vector<T>(rows * experts, rng), hidden = random_vector<T>(rows * rank, rng);
-  const auto dZ = random_vector<T>(rows * experts * rank, rng);
+  const auto W = lily_check::random_vector<T>(rows * experts, rng),
+             hidden = lily_check::random_vector<T>(rows * rank, rng);
+  const auto dZ = lily_check::random_vector<T>(rows * experts * rank, rng);
   std::vector<T> dW(rows * experts), dhidden(rows * rank);
   lily::cpu::kron_rows_backward(W.data(), hidden.data(), dZ.data(), rows, experts, rank, dW.data(), dhidden.data());
   for (int64_t n = 0; n < rows; ++n) {
@@ -129,7 +120,5 @@ bool check_all(std::mt19937& rng) {
 
 int main() {
   std::mt19937 rng(0);
-  if (!check_all<float>(rng) || !check_all<double>(rng)) return 1;
-  std::printf("ok\n");
-  return 0;
+  return lily_check::report(check_all<float>(rng) && check_all<double>(rng));
 }

@@ -9,25 +9,25 @@
 #include <random>
 #include <vector>
 
+#include "check_helpers.h"
 #include "lily/cpu_primitives.h"
 
 namespace {
 
 template <typename T>
 bool check(int64_t M, int64_t K, int64_t cols, bool trans_a, std::mt19937& rng) {
-  std::uniform_real_distribution<double> dist(-1.0, 1.0);
   const int64_t pad = 3, ldb = cols + pad, ldc = cols + pad;
   const int64_t a_row = trans_a ? 1 : K, a_col = trans_a ? M : 1;
   std::vector<T> A(M * K), B(K * ldb), C_stream(M * ldc, T(NAN)), C_small(M * ldc, T(NAN));
-  for (auto& x : A) x = T(dist(rng));
-  for (auto& x : B) x = T(dist(rng));
+  lily_check::fill_random(A, rng);
+  lily_check::fill_random(B, rng);
   const T alpha = T(0.75);
   lily::cpu::gemm_stream(M, K, cols, alpha, A.data(), a_row, a_col, B.data(), ldb, C_stream.data(), ldc);
   constexpr int64_t kBlock = lily::cpu::kColBlock<T>;
   for (int64_t c = 0; c < cols; c += kBlock)
     lily::cpu::gemm_small(M, K, std::min(kBlock, cols - c), alpha, A.data(), a_row, a_col, B.data() + c, ldb,
                           C_small.data() + c, ldc);
-  const double tol = (sizeof(T) == 4 ? 1e-5 : 1e-13) * (1.0 + std::sqrt(double(K)));
+  const double tol = lily_check::tolerance<T>(K);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < ldc; ++j) {
       const T got = C_stream[i * ldc + j];
@@ -42,14 +42,13 @@ bool check(int64_t M, int64_t K, int64_t cols, bool trans_a, std::mt19937& rng) 
       for (int64_t k = 0; k < K; ++k) want += double(A[i * a_row + k * a_col]) * double(B[k * ldb + j]);
       want *= double(alpha);
       if (!(std::fabs(double(got) - want) <= tol)) {
-        std::printf("FAIL: %s M=%ld K=%ld cols=%ld trans_a=%d at (%ld, %ld): %g vs %g\n",
-                    sizeof(T) == 4 ? "float" : "double", long(M), long(K), long(cols), int(trans_a), long(i), long(j),
-                    double(got), want);
+        std::printf("FAIL: %s M=%ld K=%ld cols=%ld trans_a=%d at (%ld, %ld): %g vs %g\n", lily_check::type_name<T>(),
+                    long(M), long(K), long(cols), int(trans_a), long(i), long(j), double(got), want);
         return false;
       }
       if (got != C_small[i * ldc + j]) {
         std::printf("FAIL: %s M=%ld K=%ld cols=%ld trans_a=%d at (%ld, %ld): gemm_stream %.17g, gemm_small %.17g\n",
-                    sizeof(T) == 4 ? "float" : "double", long(M), long(K), long(cols), int(trans_a), long(i), long(j),
+                    lily_check::type_name<T>(), long(M), long(K), long(cols), int(trans_a), long(i), long(j),
                     double(got), double(C_small[i * ldc + j]));
         return false;
       }
@@ -71,7 +70,5 @@ bool check_all(std::mt19937& rng) {
 
 int main() {
   std::mt19937 rng(0);
-  if (!check_all<float>(rng) || !check_all<double>(rng)) return 1;
-  std::printf("ok\n");
-  return 0;
+  return lily_check::report(check_all<float>(rng) && check_all<double>(rng));
 }
