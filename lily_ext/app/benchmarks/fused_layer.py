@@ -14,7 +14,12 @@ by side in one process, variants interleaved in rounds:
 - adapter cost = variant - base, and lily_ext's cost / PEFT's;
 - the adapter's GEMM floor of the train step: every GEMM the adapter's math needs (forward
   ``x A^T``, ``h Bc``; backward ``G Bc^T``, ``h^T G``, ``dh^T x``, ``dh A``) for every adapted layer,
-  timed through ``torch.matmul`` (the same BLAS) in the same run;
+  timed through ``torch.matmul`` (the same BLAS) in the same run, twice: each product warm and
+  alone (best of 5), and in the step's order and memory (the base layers' and the adapter's
+  GEMMs replayed over per-layer tensors, minus the base layers' alone), per product;
+- what any implementation of the adapter pays in a step (those GEMMs in the step's order, and
+  AdamW over the adapter's tensors), as a fraction of PEFT's adapter cost: the lowest ratio to
+  PEFT the host allows;
 - configs: ``big`` = Lily r=128 stride_A=2 num_B=4 on all seven linear targets, ``qv`` = r=32 on
   q/v (the existing train table's adapter);
 - one adapted layer (q_proj, gate_proj) at 1 and 8 rows with cold caches, against reading its
@@ -153,15 +158,20 @@ def _best_ms(fn, repeat):
     return best * 1e3
 
 
+# The adapter's GEMMs per layer in a train step (batch routing), as the floor times them.
+PRODUCTS = ("x A^T", "h Bc", "G Bc^T", "h^T G", "dh^T x", "dh A")
+
+
 def gemm_floor(model, tokens, repeat):
-    """ms of the GEMMs a train step's adapters need, summed over the adapted layers (batch routing)."""
+    """ms of the GEMMs a train step's adapters need, summed over the adapted layers (batch routing),
+    each product warm and alone (best of `repeat`): {product: ms}."""
     shapes = {}
     for _, layer in model.lily_layers():
         name = layer.active_adapter
         r, n_in, n_out = layer.r[name], layer.in_features, layer.out_features
         key = (r, n_in, n_out)
         shapes[key] = shapes.get(key, 0) + 1
-    total = 0.0
+    total = dict.fromkeys(PRODUCTS, 0.0)
     g = torch.Generator().manual_seed(0)
     for (r, n_in, n_out), count in shapes.items():
         x = torch.randn(tokens, n_in, generator=g)
@@ -170,16 +180,112 @@ def gemm_floor(model, tokens, repeat):
         Bc = torch.randn(r, n_out, generator=g)
         G = torch.randn(tokens, n_out, generator=g)
         dh = torch.randn(tokens, r, generator=g)
-        products = [
-            lambda: torch.matmul(x, A.T),  # h = x A^T
-            lambda: torch.matmul(h, Bc),  # delta = h Bc
-            lambda: torch.matmul(G, Bc.T),  # dh = G Bc^T
-            lambda: torch.matmul(h.T, G),  # dBc = h^T G
-            lambda: torch.matmul(dh.T, x),  # dA = dh^T x
-            lambda: torch.matmul(dh, A),  # dx += dh A
-        ]
-        total += count * sum(_best_ms(p, repeat) for p in products)
+        products = {
+            "x A^T": lambda: torch.matmul(x, A.T),  # h = x A^T
+            "h Bc": lambda: torch.matmul(h, Bc),  # delta = h Bc
+            "G Bc^T": lambda: torch.matmul(G, Bc.T),  # dh = G Bc^T
+            "h^T G": lambda: torch.matmul(h.T, G),  # dBc = h^T G
+            "dh^T x": lambda: torch.matmul(dh.T, x),  # dA = dh^T x
+            "dh A": lambda: torch.matmul(dh, A),  # dx += dh A
+        }
+        for label, product in products.items():
+            total[label] += count * _best_ms(product, repeat)
     return total
+
+
+def gemm_floor_in_sequence(model, ids, rounds):
+    """The same GEMMs timed in a train step's order and memory: the model's adapted layers in the
+    order one forward calls them (layers called one after another on the same input share it, as
+    q/k/v and gate/up do), with their real base weights and fresh per-layer activations and
+    gradients; forward over all layers, then backward in reverse. Timed with and without the
+    adapter's six products per layer, interleaved; the floor is the difference of the medians, so
+    every product pays the cache misses and packing of cold operands that the step's GEMMs pay, and
+    nothing else. Returns (floor ms, the base layers' GEMMs ms, {product: median ms in the rounds})."""
+    calls = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0].data_ptr(), args[0].shape)))
+        for _, layer in model.lily_layers()
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    tokens, g = ids.numel(), torch.Generator().manual_seed(0)
+    layers, previous = [], None
+    for layer, ptr, shape in calls:
+        name = layer.active_adapter
+        r, n_in, n_out = layer.r[name], layer.in_features, layer.out_features
+        shared = previous is not None and previous[0] == (ptr, shape)
+        x = previous[1] if shared else torch.randn(tokens, n_in, generator=g)
+        previous = ((ptr, shape), x)
+        layers.append(
+            dict(
+                x=x,
+                W=layer.base_layer.weight.detach(),
+                A=torch.randn(r, n_in, generator=g),
+                Bc=torch.randn(r, n_out, generator=g),
+                G=torch.randn(tokens, n_out, generator=g),
+            )
+        )
+
+    def replay(adapter, spent):
+        def timed(label, product):
+            t0 = time.perf_counter()
+            result = product()
+            spent[label] += (time.perf_counter() - t0) * 1e3
+            return result
+
+        hidden = []
+        for L in layers:
+            y = torch.matmul(L["x"], L["W"].T)
+            if adapter:
+                hidden.append(timed("x A^T", lambda: torch.matmul(L["x"], L["A"].T)))
+                timed("h Bc", lambda: y.addmm_(hidden[-1], L["Bc"]))  # y += h Bc
+        for L in reversed(layers):
+            dx = torch.matmul(L["G"], L["W"])
+            if adapter:
+                h = hidden.pop()
+                dh = timed("G Bc^T", lambda: torch.matmul(L["G"], L["Bc"].T))
+                timed("h^T G", lambda: torch.matmul(h.T, L["G"]))  # dBc
+                timed("dh^T x", lambda: torch.matmul(dh.T, L["x"]))  # dA
+                timed("dh A", lambda: dx.addmm_(dh, L["A"]))  # dx += dh A
+
+    times = {False: [], True: []}
+    per_product = {label: [] for label in PRODUCTS}
+    for adapter in (True, False):
+        replay(adapter, dict.fromkeys(PRODUCTS, 0.0))
+    for _ in range(rounds):
+        for adapter in (False, True):
+            spent = dict.fromkeys(PRODUCTS, 0.0)
+            t0 = time.perf_counter()
+            replay(adapter, spent)
+            times[adapter].append((time.perf_counter() - t0) * 1e3)
+            if adapter:
+                for label, ms in spent.items():
+                    per_product[label].append(ms)
+    base = statistics.median(times[False])
+    products = {label: statistics.median(ms) for label, ms in per_product.items()}
+    return statistics.median(times[True]) - base, base, products
+
+
+def optimizer_ms(model, name, ids, repeat=7):
+    """Median ms of one AdamW step over the model's trainable tensors (lr 0: the weights stay as they
+    are), gradients from one train step: work every implementation of the same adapter pays."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.0)
+    with fused_for(name):
+        model(input_ids=ids, labels=ids).loss.backward()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        optimizer.step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return statistics.median(times)
 
 
 def _layer(model, suffix):
@@ -268,12 +374,19 @@ def run_config(name, cfg, base, rounds, steps, profile):
     del decode_models
     train_models = build(base, cfg, "batch")
     rows["train step ms (batch 4 x 128)"] = bench_train(train_models, max(3, rounds))
-    floor = gemm_floor(train_models["lily_ext after"], 4 * 128, 5)
+    train_ids = torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1))
+    alone = gemm_floor(train_models["lily_ext after"], train_ids.numel(), 5)
+    floor = sum(alone.values())
+    floor_in_step, base_gemms, in_step = gemm_floor_in_sequence(
+        train_models["lily_ext after"], train_ids, max(5, rounds)
+    )
+    adamw = optimizer_ms(train_models["lily_ext after"], "lily_ext after", train_ids)
+    adamw_base = optimizer_ms(train_models["base"], "base", train_ids)
     if profile:
         ours = train_models["lily_ext after"]
         ours.train()
-        step = make_step(ours, torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1)))
-        with fused_for("lily_ext after"):  # training fuses only when asked (the default fuses inference)
+        step = make_step(ours, train_ids)
+        with fused_for("lily_ext after"):
             step()
             profile_summary(ours, step, "one train step, lily_ext after (fused)")
         ours.eval()
@@ -295,9 +408,23 @@ def run_config(name, cfg, base, rounds, steps, profile):
     train = {n: statistics.median(t) for n, t in rows["train step ms (batch 4 x 128)"].items()}
     after = train["lily_ext after"] - train["base"]
     print(
-        f"\ntrain step: adapter GEMM floor {floor:.1f} ms (the six products per adapted layer via torch.matmul); "
-        f"lily_ext after's adapter cost / floor = {after / floor:.2f}; medians of the rounds"
+        f"\ntrain step: the adapter's GEMM floor (the six products per adapted layer via torch.matmul), "
+        f"each product warm and alone {floor:.1f} ms, in the step's order and memory {floor_in_step:.1f} ms "
+        f"(the adapted layers' own base GEMMs in that replay: {base_gemms:.1f} ms); "
+        f"lily_ext after's adapter cost / floor = {after / floor:.2f} warm and alone, "
+        f"{after / floor_in_step:.2f} in the step's order; medians of the rounds\n"
     )
+    shared = floor_in_step + adamw - adamw_base
+    print(
+        f"what any implementation of this adapter pays in a step: its GEMMs in the step's order "
+        f"{floor_in_step:.1f} ms + AdamW on its tensors {adamw - adamw_base:.1f} ms = {shared:.1f} ms, "
+        f"{shared / (train['PEFT Lily'] - train['base']):.2f} of PEFT's adapter cost (the lowest after / PEFT "
+        f"could be here); lily_ext after's cost beyond it {after - shared:.1f} ms\n"
+    )
+    print("| adapter product | warm and alone, ms | in the step's order, ms | ratio |")
+    print("|---|---:|---:|---:|")
+    for label in PRODUCTS:
+        print(f"| {label} | {alone[label]:.1f} | {in_step[label]:.1f} | {in_step[label] / alone[label]:.2f} |")
 
 
 def main(argv=None):
