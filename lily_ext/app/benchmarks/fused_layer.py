@@ -203,7 +203,7 @@ def gemm_floor_in_sequence(model, ids, rounds):
     nothing else. Returns (floor ms, the base layers' GEMMs ms, {product: median ms in the rounds})."""
     calls = []
     hooks = [
-        layer.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0].data_ptr(), args[0].shape)))
+        layer.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0])))  # keeps each input alive
         for _, layer in model.lily_layers()
     ]
     try:
@@ -213,13 +213,13 @@ def gemm_floor_in_sequence(model, ids, rounds):
         for hook in hooks:
             hook.remove()
     tokens, g = ids.numel(), torch.Generator().manual_seed(0)
-    layers, previous = [], None
-    for layer, ptr, shape in calls:
+    layers, previous = [], None  # previous: (the last call's input, its stand-in)
+    for layer, given in calls:
         name = layer.active_adapter
         r, n_in, n_out = layer.r[name], layer.in_features, layer.out_features
-        shared = previous is not None and previous[0] == (ptr, shape)
+        shared = previous is not None and previous[0] is given
         x = previous[1] if shared else torch.randn(tokens, n_in, generator=g)
-        previous = ((ptr, shape), x)
+        previous = (given, x)
         layers.append(
             dict(
                 x=x,
