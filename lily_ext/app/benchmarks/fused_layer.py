@@ -111,8 +111,18 @@ def bench_decode(models, batch, rounds, steps):
     return times
 
 
+def train_batch():
+    """The train step's batch: 4 x 128 token ids."""
+    return torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1))
+
+
+def adamw(model, lr=1e-4):
+    """AdamW over the model's trainable tensors (the base model's: its norms)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
 def make_step(model, ids):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = adamw(model)
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -123,8 +133,7 @@ def make_step(model, ids):
     return step
 
 
-def bench_train(models, rounds):
-    ids = torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1))
+def bench_train(models, rounds, ids):
     steps = {}
     for name, model in models.items():
         model.train()
@@ -274,8 +283,7 @@ def optimizer_ms(model, name, ids, repeat=7):
     """Median ms of one AdamW step over the model's trainable tensors (lr 0: the weights stay as they
     are), gradients from one train step: work every implementation of the same adapter pays."""
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.0)
+    optimizer = adamw(model, lr=0.0)
     with fused_for(name):
         model(input_ids=ids, labels=ids).loss.backward()
     times = []
@@ -373,8 +381,8 @@ def run_config(name, cfg, base, rounds, steps, profile):
         profile_summary(ours, lambda: decode_round(ours, 1, 32, 4), "decode batch 1, lily_ext after (fused)")
     del decode_models
     train_models = build(base, cfg, "batch")
-    rows["train step ms (batch 4 x 128)"] = bench_train(train_models, max(3, rounds))
-    train_ids = torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1))
+    train_ids = train_batch()
+    rows["train step ms (batch 4 x 128)"] = bench_train(train_models, max(3, rounds), train_ids)
     alone = gemm_floor(train_models["lily_ext after"], train_ids.numel(), 5)
     floor = sum(alone.values())
     floor_in_step, base_gemms, in_step = gemm_floor_in_sequence(
