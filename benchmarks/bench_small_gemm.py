@@ -2,7 +2,7 @@
 
     python benchmarks/bench_small_gemm.py [--repeats N]
 
-Builds benchmarks/cpp/small_gemm_bench.cpp with the host compiler (-O2, as the extension) and
+Builds benchmarks/cpp/small_gemm_bench.cpp with the host compiler (-O3, as the extension) and
 prints a markdown table of median microseconds per product C[M, N] = A[M, K] @ B[K, N] for the
 token-mode mix at decode (K = E * r): with B in cache (one copy) and from memory (copies of B
 spanning 96 MiB, used in turn). Both kernels sum each element over k in the same order: the table
@@ -27,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        exe = build_program(tmp, "small_gemm_bench", "cpu_primitives", ["-O2", "-Wno-psabi"])
+        exe = build_program(tmp, "small_gemm_bench", "cpu_primitives", ["-O3", "-Wno-psabi"])
         print("| K x N | M | B | gemm_small us | gemm_stream us | small / stream | max diff |")
         print("|---|---:|---|---:|---:|---:|---:|")
         for label, K, N in SHAPES:

@@ -111,6 +111,11 @@ def bench_decode(models, batch, rounds, steps):
     return times
 
 
+def train_rounds(rounds):
+    """Rounds of train steps: a step is one sample where a decode round averages 16 tokens."""
+    return 2 * rounds + 1
+
+
 def train_batch():
     """The train step's batch: 4 x 128 token ids."""
     return torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1))
@@ -382,7 +387,7 @@ def run_config(name, cfg, base, rounds, steps, profile):
     del decode_models
     train_models = build(base, cfg, "batch")
     train_ids = train_batch()
-    rows["train step ms (batch 4 x 128)"] = bench_train(train_models, max(3, rounds), train_ids)
+    rows["train step ms (batch 4 x 128)"] = bench_train(train_models, train_rounds(rounds), train_ids)
     alone = gemm_floor(train_models["lily_ext after"], train_ids.numel(), 5)
     floor = sum(alone.values())
     floor_in_step, base_gemms, in_step = gemm_floor_in_sequence(
@@ -450,7 +455,8 @@ def main(argv=None):
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
         f"{torch.get_num_threads()} threads; Llama 8 layers, hidden 512, MLP 1408, 8 heads, vocab 2048; "
-        f"{rounds} interleaved rounds, median; decode: {steps} tokens after a 32-token prompt"
+        f"{rounds} interleaved rounds (train steps: {train_rounds(rounds)}), median; decode: {steps} tokens after "
+        "a 32-token prompt"
     )
     base = llama()
     for name in args.configs.split(","):
