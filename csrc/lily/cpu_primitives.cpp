@@ -236,10 +236,10 @@ LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, co
 
 // gemm_stream: rows of B per k-block. Within a block each column chunk's MR x NV
 // accumulators stay in registers and C is read and written once. A block's rows are as
-// many streams as it has rows, more than the hardware prefetcher follows, so from 4 rows
-// of A the tile prefetches the next block (at 1-2 rows the prefetches cost more load
-// slots than they save). 8 / 16 / 32 rows measured, 32 fastest with the prefetch
-// (BENCHMARKS.md, "Decode-sized products").
+// many streams as it has rows, more than the hardware prefetcher follows, so the tile
+// prefetches the next block: with 32-byte vectors at any row count, with 64-byte ones
+// from 4 rows of A (below that they measured slower, from cache and from memory). 8 / 16 / 32 rows measured, 32 fastest
+// with the prefetch (BENCHMARKS.md, "Decode-sized products").
 constexpr int64_t kStreamBlockRows = 32;
 
 // C[MR, NV vectors] over rows [k0, k1) of B: accumulators start from C (0 in the first
@@ -260,7 +260,7 @@ LILY_INLINE void stream_tile(int64_t k0, int64_t k1, bool first, bool last, T al
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       b[v] = S::load(B + k * ldb + v * W);
-      if (MR >= 4 && v * Bytes % 64 == 0)  // one prefetch per 64-byte line
+      if ((MR >= 4 || Bytes < 64) && v * Bytes % 64 == 0)  // one prefetch per 64-byte line
         __builtin_prefetch(B + (k + kStreamBlockRows) * ldb + v * W);
     }
 #pragma GCC unroll 8
