@@ -19,7 +19,7 @@ def run_check(tmp_path, program, library, defines):
     exe = tmp_path / program
     cmd = [
         cxx_compiler(),
-        "-O3",  # as setup.py and CMake's Release build it: which loops the compiler vectorises and contracts to FMA decides the bits
+        "-O3",  # as setup.py and CMake build it: the loops contracted to FMA decide the bits
         "-std=c++17",
         "-Wno-psabi",
         *defines,

@@ -238,8 +238,9 @@ LILY_INLINE void gemm_small_impl(int64_t M, int64_t K, int64_t cols, T alpha, co
 // accumulators stay in registers and C is read and written once. A block's rows are as
 // many streams as it has rows, more than the hardware prefetcher follows, so the tile
 // prefetches the next block: with 32-byte vectors at any row count, with 64-byte ones
-// from 4 rows of A (below that they measured slower, from cache and from memory). 8 / 16 / 32 rows measured, 32 fastest
-// with the prefetch (BENCHMARKS.md, "Decode-sized products").
+// from 4 rows of A (below that they measured slower, from cache and from memory).
+// 8 / 16 / 32 rows measured, 32 fastest with the prefetch (BENCHMARKS.md, "Decode-sized
+// products").
 constexpr int64_t kStreamBlockRows = 32;
 
 // C[MR, NV vectors] over rows [k0, k1) of B: accumulators start from C (0 in the first
@@ -353,13 +354,57 @@ LILY_INLINE void gemm_stream_impl(int64_t M, int64_t K, int64_t cols, T alpha, c
 
 // gemm_small_nt fetches rows of B this many rows ahead: at decode B is a layer's weight
 // read from memory, its rows 2 KiB apart (in = 512), two to a page, and the hardware
-// prefetcher stops at each page's end (decode at 8 rows, AVX-512 host: 0.57 -> 0.43 of PEFT's cost).
+// prefetcher stops at each page's end (decode at 8 rows on an AVX-512 host: 0.57 -> 0.43
+// of PEFT's adapter cost).
 constexpr int64_t kPrefetchRows = 4;
 
-// C = alpha * A @ B^T as dot products, tiled 8 (at 64 bytes) or 4 rows of A x 2
-// rows of B so that each load feeds two to eight FMAs. The A tile stays in L1 while
-// every row of B streams past it once. Every C element is one dot product summed
-// in one order (same bits whatever its tile).
+// gemm_small_nt for MR rows of A (and of C) against every row of B: a tile of
+// MR rows of A x 2 rows of B, so that each load of B feeds MR FMAs and each B row is read once
+// for the MR rows. Every C element is one dot product summed in one order: S::sum of the
+// vector lanes, then the tail (the same as dot(), so the same bits whatever its tile).
+template <typename T, int Bytes, int MR>
+LILY_INLINE void small_nt_rows(int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                               int64_t ldc) {
+  using S = Simd<T, Bytes>;
+  using V = typename S::type;
+  constexpr int64_t W = S::width;
+  const int64_t kv = K - K % W;
+  const T* a[MR];
+  for (int i = 0; i < MR; ++i) a[i] = A + i * lda;
+  int64_t n = 0;
+  for (; n + 2 <= N; n += 2) {
+    const T* b0 = B + n * ldb;
+    const T* b1 = b0 + ldb;
+    V s[MR][2] = {};
+    for (int64_t k = 0; k < kv; k += W) {
+      const V x0 = S::load(b0 + k), x1 = S::load(b1 + k);
+      __builtin_prefetch(b0 + kPrefetchRows * ldb + k);
+      __builtin_prefetch(b1 + kPrefetchRows * ldb + k);
+      V y[MR];
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) y[i] = S::load(a[i] + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        s[i][0] += y[i] * x0;
+        s[i][1] += y[i] * x1;
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      T t0 = S::sum(s[i][0]), t1 = S::sum(s[i][1]);
+      for (int64_t k = kv; k < K; ++k) {
+        t0 += a[i][k] * b0[k];
+        t1 += a[i][k] * b1[k];
+      }
+      C[i * ldc + n] = alpha * t0;
+      C[i * ldc + n + 1] = alpha * t1;
+    }
+  }
+  for (; n < N; ++n)
+    for (int i = 0; i < MR; ++i) C[i * ldc + n] = alpha * dot<T, Bytes>(a[i], B + n * ldb, K);
+}
+
+// C = alpha * A @ B^T as dot products: 8-row tiles at 64 bytes (32 registers), 4-row
+// tiles, then the rest. The A tile stays in L1 while every row of B streams past it once.
 template <typename T, int Bytes>
 LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
                                     int64_t ldb, T* C, int64_t ldc) {
@@ -368,73 +413,9 @@ LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, co
   constexpr int64_t W = S::width;
   const int64_t kv = K - K % W;
   int64_t m = 0;
-  if constexpr (Bytes == 64)  // 32 registers: 8 rows of A x 2 of B, each B row read once for 8 rows
-    for (; m + 8 <= M; m += 8) {
-      int64_t n = 0;
-      for (; n + 2 <= N; n += 2) {
-        const T* b0 = B + n * ldb;
-        const T* b1 = b0 + ldb;
-        V s[8][2] = {};
-        for (int64_t k = 0; k < kv; k += W) {
-          const V x0 = S::load(b0 + k), x1 = S::load(b1 + k);
-          __builtin_prefetch(b0 + kPrefetchRows * ldb + k);
-          __builtin_prefetch(b1 + kPrefetchRows * ldb + k);
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) {
-            const V y = S::load(A + (m + i) * lda + k);
-            s[i][0] += y * x0;
-            s[i][1] += y * x1;
-          }
-        }
-        for (int i = 0; i < 8; ++i) {
-          const T* a = A + (m + i) * lda;
-          T t0 = S::sum(s[i][0]), t1 = S::sum(s[i][1]);
-          for (int64_t k = kv; k < K; ++k) {
-            t0 += a[k] * b0[k];
-            t1 += a[k] * b1[k];
-          }
-          C[(m + i) * ldc + n] = alpha * t0;
-          C[(m + i) * ldc + n + 1] = alpha * t1;
-        }
-      }
-      for (; n < N; ++n)
-        for (int i = 0; i < 8; ++i) C[(m + i) * ldc + n] = alpha * dot<T, Bytes>(A + (m + i) * lda, B + n * ldb, K);
-    }
-  for (; m + 4 <= M; m += 4) {
-    const T* a[4] = {A + m * lda, A + (m + 1) * lda, A + (m + 2) * lda, A + (m + 3) * lda};
-    int64_t n = 0;
-    for (; n + 2 <= N; n += 2) {
-      const T* b0 = B + n * ldb;
-      const T* b1 = b0 + ldb;
-      V s00 = {}, s01 = {}, s10 = {}, s11 = {}, s20 = {}, s21 = {}, s30 = {}, s31 = {};
-      for (int64_t k = 0; k < kv; k += W) {
-        const V x0 = S::load(b0 + k), x1 = S::load(b1 + k);
-        __builtin_prefetch(b0 + kPrefetchRows * ldb + k);
-        __builtin_prefetch(b1 + kPrefetchRows * ldb + k);
-        const V y0 = S::load(a[0] + k), y1 = S::load(a[1] + k), y2 = S::load(a[2] + k), y3 = S::load(a[3] + k);
-        s00 += y0 * x0;
-        s01 += y0 * x1;
-        s10 += y1 * x0;
-        s11 += y1 * x1;
-        s20 += y2 * x0;
-        s21 += y2 * x1;
-        s30 += y3 * x0;
-        s31 += y3 * x1;
-      }
-      const V* sums[4][2] = {{&s00, &s01}, {&s10, &s11}, {&s20, &s21}, {&s30, &s31}};
-      for (int i = 0; i < 4; ++i) {
-        T t0 = S::sum(*sums[i][0]), t1 = S::sum(*sums[i][1]);
-        for (int64_t k = kv; k < K; ++k) {
-          t0 += a[i][k] * b0[k];
-          t1 += a[i][k] * b1[k];
-        }
-        C[(m + i) * ldc + n] = alpha * t0;
-        C[(m + i) * ldc + n + 1] = alpha * t1;
-      }
-    }
-    for (; n < N; ++n)
-      for (int i = 0; i < 4; ++i) C[(m + i) * ldc + n] = alpha * dot<T, Bytes>(a[i], B + n * ldb, K);
-  }
+  if constexpr (Bytes == 64)
+    for (; m + 8 <= M; m += 8) small_nt_rows<T, Bytes, 8>(N, K, alpha, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) small_nt_rows<T, Bytes, 4>(N, K, alpha, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
   // The last M % 4 rows (all of them at decode, M = 1): four rows of B at a time, four
   // independent FMA chains instead of one dot product waiting on the last.
   int64_t n = 0;

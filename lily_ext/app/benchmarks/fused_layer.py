@@ -112,7 +112,7 @@ def bench_decode(models, batch, rounds, steps):
 
 
 def train_rounds(rounds):
-    """Rounds of train steps: a step is one sample where a decode round averages 16 tokens."""
+    """Rounds of train steps: a step is one sample, where a decode round averages its tokens."""
     return 2 * rounds + 1
 
 
