@@ -358,11 +358,12 @@ LILY_INLINE void gemm_stream_impl(int64_t M, int64_t K, int64_t cols, T alpha, c
 // of PEFT's adapter cost).
 constexpr int64_t kPrefetchRows = 4;
 
-// gemm_small_nt for MR rows of A (and of C) against every row of B: a tile of
-// MR rows of A x 2 rows of B, so that each load of B feeds MR FMAs and each B row is read once
-// for the MR rows. Every C element is one dot product summed in one order: S::sum of the
-// vector lanes, then the tail (the same as dot(), so the same bits whatever its tile).
-template <typename T, int Bytes, int MR>
+// gemm_small_nt for MR rows of A (and of C) against every row of B: tiles of MR rows of
+// A x NB rows of B, so that each load of B feeds MR FMAs, each B row is read once for the
+// MR rows, and MR x NB independent FMA chains hide the FMA's latency. Every C element is
+// one dot product summed in one order: S::sum of the vector lanes, then the tail (the same
+// as dot(), so the same bits whatever its tile).
+template <typename T, int Bytes, int MR, int NB>
 LILY_INLINE void small_nt_rows(int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                                int64_t ldc) {
   using S = Simd<T, Bytes>;
@@ -372,77 +373,62 @@ LILY_INLINE void small_nt_rows(int64_t N, int64_t K, T alpha, const T* A, int64_
   const T* a[MR];
   for (int i = 0; i < MR; ++i) a[i] = A + i * lda;
   int64_t n = 0;
-  for (; n + 2 <= N; n += 2) {
-    const T* b0 = B + n * ldb;
-    const T* b1 = b0 + ldb;
-    V s[MR][2] = {};
+  for (; n + NB <= N; n += NB) {
+    const T* b[NB];
+    for (int j = 0; j < NB; ++j) b[j] = B + (n + j) * ldb;
+    V s[MR][NB] = {};
     for (int64_t k = 0; k < kv; k += W) {
-      const V x0 = S::load(b0 + k), x1 = S::load(b1 + k);
-      __builtin_prefetch(b0 + kPrefetchRows * ldb + k);
-      __builtin_prefetch(b1 + kPrefetchRows * ldb + k);
       V y[MR];
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) y[i] = S::load(a[i] + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) __builtin_prefetch(b[j] + kPrefetchRows * ldb + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        const V x = S::load(b[j] + k);
 #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        s[i][0] += y[i] * x0;
-        s[i][1] += y[i] * x1;
+        for (int i = 0; i < MR; ++i) s[i][j] += y[i] * x;
       }
     }
-    for (int i = 0; i < MR; ++i) {
-      T t0 = S::sum(s[i][0]), t1 = S::sum(s[i][1]);
-      for (int64_t k = kv; k < K; ++k) {
-        t0 += a[i][k] * b0[k];
-        t1 += a[i][k] * b1[k];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        T t = S::sum(s[i][j]);
+        for (int64_t k = kv; k < K; ++k) t += a[i][k] * b[j][k];
+        C[i * ldc + n + j] = alpha * t;
       }
-      C[i * ldc + n] = alpha * t0;
-      C[i * ldc + n + 1] = alpha * t1;
-    }
   }
   for (; n < N; ++n)
     for (int i = 0; i < MR; ++i) C[i * ldc + n] = alpha * dot<T, Bytes>(a[i], B + n * ldb, K);
 }
 
-// C = alpha * A @ B^T as dot products: 8-row tiles at 64 bytes (32 registers), 4-row
-// tiles, then the rest. The A tile stays in L1 while every row of B streams past it once.
+// C = alpha * A @ B^T as dot products: tiles of 8 rows of A (at 64 bytes: 32 registers)
+// and 4 rows x 2 rows of B, then the last M % 4 rows (all of them at decode, M = 1)
+// against 4 rows of B at a time. The A tile stays in L1 while every row of B streams past
+// it once.
 template <typename T, int Bytes>
 LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
                                     int64_t ldb, T* C, int64_t ldc) {
-  using S = Simd<T, Bytes>;
-  using V = typename S::type;
-  constexpr int64_t W = S::width;
-  const int64_t kv = K - K % W;
   int64_t m = 0;
   if constexpr (Bytes == 64)
-    for (; m + 8 <= M; m += 8) small_nt_rows<T, Bytes, 8>(N, K, alpha, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
-  for (; m + 4 <= M; m += 4) small_nt_rows<T, Bytes, 4>(N, K, alpha, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
-  // The last M % 4 rows (all of them at decode, M = 1): four rows of B at a time, four
-  // independent FMA chains instead of one dot product waiting on the last.
-  int64_t n = 0;
-  for (; n + 4 <= N; n += 4) {
-    const T* b[4] = {B + n * ldb, B + (n + 1) * ldb, B + (n + 2) * ldb, B + (n + 3) * ldb};
-    for (int64_t i = m; i < M; ++i) {
-      const T* a = A + i * lda;
-      V s0 = {}, s1 = {}, s2 = {}, s3 = {};
-      for (int64_t k = 0; k < kv; k += W) {
-        const V y = S::load(a + k);
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) __builtin_prefetch(b[j] + kPrefetchRows * ldb + k);
-        s0 += y * S::load(b[0] + k);
-        s1 += y * S::load(b[1] + k);
-        s2 += y * S::load(b[2] + k);
-        s3 += y * S::load(b[3] + k);
-      }
-      const V* sums[4] = {&s0, &s1, &s2, &s3};
-      for (int j = 0; j < 4; ++j) {
-        T t = S::sum(*sums[j]);
-        for (int64_t k = kv; k < K; ++k) t += a[k] * b[j][k];
-        C[i * ldc + n + j] = alpha * t;
-      }
-    }
+    for (; m + 8 <= M; m += 8) small_nt_rows<T, Bytes, 8, 2>(N, K, alpha, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) small_nt_rows<T, Bytes, 4, 2>(N, K, alpha, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+  const T* a = A + m * lda;
+  T* c = C + m * ldc;
+  switch (M - m) {
+    case 1:
+      small_nt_rows<T, Bytes, 1, 4>(N, K, alpha, a, lda, B, ldb, c, ldc);
+      break;
+    case 2:
+      small_nt_rows<T, Bytes, 2, 4>(N, K, alpha, a, lda, B, ldb, c, ldc);
+      break;
+    case 3:
+      small_nt_rows<T, Bytes, 3, 4>(N, K, alpha, a, lda, B, ldb, c, ldc);
+      break;
+    default:
+      break;
   }
-  for (; n < N; ++n)
-    for (int64_t i = m; i < M; ++i) C[i * ldc + n] = alpha * dot<T, Bytes>(A + i * lda, B + n * ldb, K);
 }
 
 template <typename T, int Bytes>

@@ -100,7 +100,7 @@ bool check_all(std::mt19937& rng) {
       for (int64_t cols : {1, 5, 16, 17, 33, 100, 260})
         for (bool trans_a : {false, true})
           if (!check<T>(M, K, cols, trans_a, rng)) return false;
-  for (int64_t M : {1, 3, 4, 7, 8, 9, 12, 16, 17})
+  for (int64_t M : {1, 2, 3, 4, 6, 7, 8, 9, 12, 16, 17})
     for (int64_t N : {1, 2, 3, 5, 8})
       for (int64_t K : {0, 1, 15, 16, 17, 64, 129})
         if (!check_nt<T>(M, N, K, rng)) return false;
