@@ -1,8 +1,9 @@
 // Checks the routing and bank primitives of csrc/lily/cpu_primitives.h, whose loops
 // are compiled once per x86-64 level at that level's vector width, against float64:
 // router_softmax (and that a row has the same bits alone as in a block of four: token
-// routing's "same result alone or in a batch"), bank_grad over a split range and
-// accumulating, kron_rows_backward. Built and run by tests/test_cpu_gemm.py once
+// routing's "same result alone or in a batch"), combine_bank over a block of rows and
+// columns, bank_grad over a split range and accumulating (more experts than its register
+// group too), kron_rows_backward. Built and run by tests/test_cpu_gemm.py once
 // dispatched and once generic; prints "ok" or the failure.
 #include <cmath>
 #include <cstdio>
@@ -81,6 +82,28 @@ bool check_bank_grad(int64_t experts, int64_t plane, std::mt19937& rng) {
 }
 
 template <typename T>
+bool check_combine(int64_t experts, int64_t rank, int64_t out, std::mt19937& rng) {
+  const auto weights = lily_check::random_vector<T>(experts, rng),
+             bank = lily_check::random_vector<T>(experts * rank * out, rng);
+  // rows [i0, rank) and columns [c0, out) into a destination with a wider stride; the padding stays
+  const int64_t i0 = rank / 3, c0 = out / 3, cols = out - c0, ld = cols + 3;
+  std::vector<T> dst((rank - i0) * ld, T(-7));
+  lily::cpu::combine_bank(weights.data(), bank.data(), experts, rank, out, i0, rank, c0, cols, dst.data(), ld);
+  for (int64_t i = i0; i < rank; ++i)
+    for (int64_t j = 0; j < ld; ++j) {
+      const T got = dst[(i - i0) * ld + j];
+      if (j >= cols) {
+        if (got != T(-7)) return close("combine_bank padding", got, -7.0, 1, rank, i, j);
+        continue;
+      }
+      double c = 0;
+      for (int64_t e = 0; e < experts; ++e) c += double(weights[e]) * double(bank[(e * rank + i) * out + c0 + j]);
+      if (!close("combine_bank", got, c, experts, rank, i, j)) return false;
+    }
+  return true;
+}
+
+template <typename T>
 bool check_kron_backward(int64_t rows, int64_t experts, int64_t rank, std::mt19937& rng) {
   const auto W = lily_check::random_vector<T>(rows * experts, rng),
              hidden = lily_check::random_vector<T>(rows * rank, rng);
@@ -110,9 +133,13 @@ bool check_all(std::mt19937& rng) {
         if (!check_router<T>(rows, rank, experts, rng)) return false;
         if (!check_kron_backward<T>(rows, experts, rank, rng)) return false;
       }
-  for (int64_t experts : {1, 4, 5})
+  for (int64_t experts : {1, 4, 5, 9, 17})
     for (int64_t plane : {1, 7, 64, 1023, 3000})
       if (!check_bank_grad<T>(experts, plane, rng)) return false;
+  for (int64_t experts : {1, 3, 9})
+    for (int64_t rank : {1, 4})
+      for (int64_t out : {1, 17, 40, 130})
+        if (!check_combine<T>(experts, rank, out, rng)) return false;
   return true;
 }
 
