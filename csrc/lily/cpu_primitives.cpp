@@ -144,22 +144,22 @@ LILY_INLINE void combine_bank_impl(const T* weights, const T* bank, int64_t expe
   for (int64_t i = i0; i < i1; ++i) {
     T* d = dst + (i - i0) * ld_dst;
     const T* src = bank + i * out + c0;
+    // sum_e weights[e] * bank[e, i, c0 + j ...] for one vector, its loads by `load`
+    auto combined = [&](auto load) {
+      typename S::type c = weights[0] * load(src);
+      for (int64_t e = 1; e < experts; ++e) c += weights[e] * load(src + e * plane);
+      return c;
+    };
     int64_t j = 0;
-    for (; j + W <= cols; j += W) {
-      typename S::type c = weights[0] * S::load(src + j);
-      for (int64_t e = 1; e < experts; ++e) c += weights[e] * S::load(src + e * plane + j);
-      S::store(d + j, c);
-    }
+    for (; j + W <= cols; j += W) S::store(d + j, combined([&](const T* p) { return S::load(p + j); }));
     if (j < cols) {  // the last cols % W through the same vector code, so each lane's bits match
       const int64_t rest = cols - j;
-      T lane[W] = {};
-      std::copy_n(src + j, rest, lane);
-      typename S::type c = weights[0] * S::load(lane);
-      for (int64_t e = 1; e < experts; ++e) {
-        std::copy_n(src + e * plane + j, rest, lane);
-        c += weights[e] * S::load(lane);
-      }
-      S::store(lane, c);
+      T lane[W];
+      S::store(lane, combined([&](const T* p) {
+                 T padded[W] = {};
+                 std::copy_n(p + j, rest, padded);
+                 return S::load(padded);
+               }));
       std::copy_n(lane, rest, d + j);
     }
   }
