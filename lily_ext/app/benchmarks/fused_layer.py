@@ -432,7 +432,7 @@ def run_config(name, cfg, base, rounds, steps, profile):
         f"what any implementation of this adapter pays in a step: its GEMMs in the step's order "
         f"{floor_in_step:.1f} ms + AdamW on its tensors {adamw - adamw_base:.1f} ms = {shared:.1f} ms, "
         f"{shared / (train['PEFT Lily'] - train['base']):.2f} of PEFT's adapter cost (the lowest after / PEFT "
-        f"could be here); lily_ext after's cost beyond it {after - shared:.1f} ms\n"
+        f"could be here); lily_ext after's cost beyond it {after - shared:.1f} ms, {after / shared:.2f}x it\n"
     )
     print("| adapter product | warm and alone, ms | in the step's order, ms | ratio |")
     print("|---|---:|---:|---:|")
