@@ -450,10 +450,12 @@ LILY_INLINE void gemm_small_nt_impl(int64_t M, int64_t N, int64_t K, T alpha, co
 // One streaming pass: each vector of dcomb is loaded once and every expert's plane advances
 // with it (the dbank store, the dot product into a register per expert, the comb sum in
 // expert order), so the pass runs at the memory's speed: walking a block of 1024 once per
-// expert was 2.1-2.5x slower (one thread, r = 128, out 512 / 1408, E = 4, planes from L3). Experts go kGroup at a time
-// (the accumulators' registers); comb is summed in expert order whatever the grouping. Accumulate is a template
-// argument and the first expert is peeled, so each product has one use and contracts into an FMA as in the other
-// kernels.
+// expert was 2.1-2.5x slower (one thread, r = 128, out 512 / 1408, E = 4, planes from L3).
+// Experts go kGroup at a time (the accumulators' registers); comb is summed in expert order
+// whatever the grouping. Accumulate is a template argument and the first expert is peeled,
+// so each product has one use and contracts into an FMA as in the other kernels. The last
+// (j1 - j0) % W positions are scalar: one body without the peel, its tail padded through it,
+// gave the same bits 10-15 % slower at out = 1408.
 template <typename T, int Bytes, bool Accumulate>
 LILY_INLINE void bank_grad_pass(const T* weights, const T* dcomb, const T* bank, int64_t experts, int64_t plane,
                                 int64_t j0, int64_t j1, T* dbank, T* dweights, T* comb) {
