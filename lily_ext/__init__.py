@@ -1,7 +1,7 @@
 """lily_ext: fast, exportable Lily (Low-Rank Interconnected Adaptation across Layers) for PyTorch.
 
 Layers, from the kernels up: ``ops`` (the ``lily::routed_mix`` op) -> ``layer`` / ``targets`` /
-``checkpoint`` / ``model`` (adapters) -> ``calibration``, ``peft_interop``, ``hf`` -> ``export``
+``checkpoint`` / ``model`` (adapters) -> ``optim``, ``calibration``, ``peft_interop``, ``hf`` -> ``export``
 (ONNX) -> ``ort`` (ONNX Runtime). ``app`` is the command-line application; ``_build`` builds and
 loads the native libraries.
 """

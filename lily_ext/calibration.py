@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .model import LilyModel
 from .ops import routed_mix
+from .optim import adamw
 
 METHODS = ("mean", "optimal_weights", "optimal_bc")
 METHODS_A = ("mean", "optimal_weights")  # Lily v2's A side (an arbitrary [r, in] Ac would need [in, in] sums)
@@ -579,7 +580,7 @@ def tune_static(
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = adamw(params, lr=lr, weight_decay=0.0)
     losses: list[float] = []
     model.train()
     try:

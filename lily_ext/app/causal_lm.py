@@ -14,6 +14,7 @@ import torch
 from .._build.atomic import atomic_directory
 from ..checkpoint import write_adapter_files
 from ..model import load_adapter
+from ..optim import adamw
 from .data import DataError
 from .training import CHECKPOINT_DIR, LABELS_NAME, STATE_NAME, TrainState
 
@@ -121,7 +122,7 @@ def train_lm(args, config_for) -> int:
         print(f"resuming from {checkpoint_dir} at step {state.step}")
     else:
         model, saved, state = get_lily_model(base, config_for(base)), None, TrainState()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
     model.print_trainable_parameters()

@@ -283,6 +283,7 @@ def cmd_train(args) -> int:
     args.routing = args.routing or "sequence"
     import torch
 
+    from ..optim import adamw
     from .data import read_labelled_file
     from .training import (
         TrainState,
@@ -315,7 +316,7 @@ def cmd_train(args) -> int:
         from .. import get_lily_model
 
         model, saved, state = get_lily_model(base, _lily_config(args, base)), None, TrainState()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
     label_ids = {l: i for i, l in enumerate(labels)}

@@ -15,6 +15,7 @@ from torch import nn
 from .._build.atomic import atomic_directory
 from ..checkpoint import write_adapter_files
 from ..model import LilyModel, load_adapter
+from ..optim import adamw
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "trainer_state.pt"
@@ -158,7 +159,7 @@ def train(
     from tqdm.auto import tqdm
 
     state = state or TrainState()
-    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = optimizer or adamw([p for p in model.parameters() if p.requires_grad], lr=lr)
     runner = model
     rank, world = 0, 1
     if accelerator is not None:

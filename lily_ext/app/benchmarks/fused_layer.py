@@ -10,7 +10,9 @@ by side in one process, variants interleaved in rounds:
   layer, ``x A^T`` and ``routed_mix`` as separate ops) and on (``after``);
 - decode: ms per token with a KV cache after a 32-token prompt, batch 1 and 8 (lily_ext ``token``
   routing, exact with a cache; PEFT's Lily has only its ``batch`` routing);
-- train step: batch 4 x 128, forward with labels + backward + AdamW step (both ``batch`` routing);
+- train step: batch 4 x 128, forward with labels + backward + AdamW step (both ``batch`` routing),
+  AdamW fused as transformers' Trainer runs it by default (``--optim adamw_torch``: torch's
+  default per-tensor loop, as the issue's first table ran it);
 - adapter cost = variant - base, and lily_ext's cost / PEFT's;
 - the adapter's GEMM floor of the train step: every GEMM the adapter's math needs (forward
   ``x A^T``, ``h Bc``; backward ``G Bc^T``, ``h^T G``, ``dh^T x``, ``dh A``) for every adapted layer,
@@ -121,13 +123,18 @@ def train_batch():
     return torch.randint(0, 2048, (4, 128), generator=torch.Generator().manual_seed(1))
 
 
-def adamw(model, lr=1e-4):
-    """AdamW over the model's trainable tensors (the base model's: its norms)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+# --optim: the names transformers' TrainingArguments gives them; the first is its default.
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
 
 
-def make_step(model, ids):
-    optimizer = adamw(model)
+def adamw(model, optim, lr=1e-4):
+    """AdamW over the model's trainable tensors (the base model's: its norms), fused or not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, fused=True if optim == "adamw_torch_fused" else None)
+
+
+def make_step(model, ids, optim):
+    optimizer = adamw(model, optim)
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -138,14 +145,14 @@ def make_step(model, ids):
     return step
 
 
-def bench_train(models, rounds, ids):
+def bench_train(models, rounds, ids, optim):
     steps = {}
     for name, model in models.items():
         model.train()
         if name == "lily_ext after":  # the same model and optimizer as "before"
             steps[name] = steps["lily_ext before"]
             continue
-        steps[name] = make_step(model, ids)
+        steps[name] = make_step(model, ids, optim)
     for name in models:
         with fused_for(name):
             for _ in range(2):
@@ -284,11 +291,11 @@ def gemm_floor_in_sequence(model, ids, rounds):
     return statistics.median(times[True]) - base, base, products
 
 
-def optimizer_ms(model, name, ids, repeat=7):
+def optimizer_ms(model, name, ids, optim, repeat=7):
     """Median ms of one AdamW step over the model's trainable tensors (lr 0: the weights stay as they
     are), gradients from one train step: work every implementation of the same adapter pays."""
     model.train()
-    optimizer = adamw(model, lr=0.0)
+    optimizer = adamw(model, optim, lr=0.0)
     with fused_for(name):
         model(input_ids=ids, labels=ids).loss.backward()
     times = []
@@ -371,7 +378,7 @@ def profile_summary(model, fn, label, rows=12):
         print(f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.2f} | {share:.1%} |")
 
 
-def run_config(name, cfg, base, rounds, steps, profile):
+def run_config(name, cfg, base, rounds, steps, profile, optim):
     print(
         f"\n### {name}: Lily r={cfg['r']} stride_A={cfg['stride_A']} num_B={cfg['num_B']} on {', '.join(cfg['target_modules'])}\n"
     )
@@ -387,18 +394,18 @@ def run_config(name, cfg, base, rounds, steps, profile):
     del decode_models
     train_models = build(base, cfg, "batch")
     train_ids = train_batch()
-    rows["train step ms (batch 4 x 128)"] = bench_train(train_models, train_rounds(rounds), train_ids)
+    rows["train step ms (batch 4 x 128)"] = bench_train(train_models, train_rounds(rounds), train_ids, optim)
     alone = gemm_floor(train_models["lily_ext after"], train_ids.numel(), 5)
     floor = sum(alone.values())
     floor_in_step, base_gemms, in_step = gemm_floor_in_sequence(
         train_models["lily_ext after"], train_ids, max(5, rounds)
     )
-    adamw = optimizer_ms(train_models["lily_ext after"], "lily_ext after", train_ids)
-    adamw_base = optimizer_ms(train_models["base"], "base", train_ids)
+    adamw = optimizer_ms(train_models["lily_ext after"], "lily_ext after", train_ids, optim)
+    adamw_base = optimizer_ms(train_models["base"], "base", train_ids, optim)
     if profile:
         ours = train_models["lily_ext after"]
         ours.train()
-        step = make_step(ours, train_ids)
+        step = make_step(ours, train_ids, optim)
         with fused_for("lily_ext after"):
             step()
             profile_summary(ours, step, "one train step, lily_ext after (fused)")
@@ -446,6 +453,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--configs", default="big,qv")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--optim", choices=OPTIMIZERS, default=OPTIMIZERS[0], help="the train step's AdamW")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import peft
@@ -454,13 +462,15 @@ def main(argv=None):
     rounds, steps = (3, 8) if args.quick else (7, 16)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"{torch.get_num_threads()} threads; Llama 8 layers, hidden 512, MLP 1408, 8 heads, vocab 2048; "
+        f"{torch.get_num_threads()} threads, {args.optim}; Llama 8 layers, hidden 512, MLP 1408, 8 heads, vocab 2048; "
         f"{rounds} interleaved rounds (train steps: {train_rounds(rounds)}), median; decode: {steps} tokens after "
         "a 32-token prompt"
     )
     base = llama()
     for name in args.configs.split(","):
-        run_config(name, CONFIGS[name], base, rounds, steps, profile=not args.no_profile and name == "big")
+        run_config(
+            name, CONFIGS[name], base, rounds, steps, profile=not args.no_profile and name == "big", optim=args.optim
+        )
 
 
 if __name__ == "__main__":
