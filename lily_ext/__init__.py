@@ -1,9 +1,9 @@
 """lily_ext: fast, exportable Lily (Low-Rank Interconnected Adaptation across Layers) for PyTorch.
 
 Layers, from the kernels up: ``ops`` (the ``lily::routed_mix`` op) -> ``layer`` / ``targets`` /
-``checkpoint`` / ``model`` (adapters) -> ``optim``, ``calibration``, ``peft_interop``, ``hf`` -> ``export``
-(ONNX) -> ``ort`` (ONNX Runtime). ``app`` is the command-line application; ``_build`` builds and
-loads the native libraries.
+``checkpoint`` / ``model`` (adapters) -> ``optim``, ``calibration``, ``peft_interop``, ``hf`` ->
+``export`` (ONNX) -> ``ort`` (ONNX Runtime). ``app`` is the command-line application; ``_build``
+builds and loads the native libraries.
 """
 
 from ._build import library as _library

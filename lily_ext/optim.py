@@ -16,7 +16,7 @@ def adamw(params, lr: float, **kwargs) -> torch.optim.AdamW:
     M parameters of the fused-layer benchmark's adapter on 2 CPU cores (BENCHMARKS.md). Parameter
     groups, and parameters on another device or not floating point, get torch's default."""
     params = list(params)
-    fused = bool(params) and all(
+    fused = all(
         isinstance(p, torch.Tensor) and p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params
-    )
+    )  # an empty list gets torch's own error either way
     return torch.optim.AdamW(params, lr=lr, fused=fused or None, **kwargs)

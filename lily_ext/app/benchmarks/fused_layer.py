@@ -128,9 +128,12 @@ OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
 
 
 def adamw(model, optim, lr=1e-4):
-    """AdamW over the model's trainable tensors (the base model's: its norms), fused or not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, fused=True if optim == "adamw_torch_fused" else None)
+    """AdamW over the model's trainable tensors (the base model's: its norms): the one lily_ext's
+    training builds (fused), or torch's default loop."""
+    from lily_ext.optim import adamw as fused_where_possible
+
+    build = fused_where_possible if optim == "adamw_torch_fused" else torch.optim.AdamW
+    return build([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
 def make_step(model, ids, optim):
